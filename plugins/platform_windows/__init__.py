@@ -1,0 +1,1 @@
+"""plugins/platform_windows."""

@@ -1,0 +1,1 @@
+"""plugins/transport_udp."""
