@@ -1,1 +1,1 @@
-"""plugins/transport_tcp."""
+"""TCP transport (arrives with the TCP fallback issue)."""

@@ -1,0 +1,207 @@
+"""The `ctun` command line. User errors end in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from . import __version__
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """Something the user can fix; str() is the one-line message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line that says what to fix, instead of argparse's usage dump.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _tunnel_flags(p: argparse.ArgumentParser, interface: str) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML config file (default /etc/ctun/ctun.toml)")
+    p.add_argument("--addr", metavar="CIDR", help="VM-side tunnel address (default 192.168.251.1/24)")
+    p.add_argument("--port", metavar="N", help="tunnel port (default 2511)")
+    p.add_argument("--mtu", metavar="N", help="tunnel MTU (default 1400)")
+    p.add_argument("--interface", metavar="NAME", help=f"interface name (default {interface})")
+    p.add_argument("--transport", metavar="NAME", help="transport plugin (default udp)")
+    p.add_argument("--key-file", metavar="FILE", help="pre-shared key file of the VM peer")
+    p.add_argument("--keepalive", metavar="SECONDS", help=argparse.SUPPRESS)
+    p.add_argument("--dead-after", metavar="SECONDS", help=argparse.SUPPRESS)
+    p.add_argument("--rekey-after", metavar="SECONDS", help=argparse.SUPPRESS)
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ctun", description="Reach Docker Desktop containers by IP.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    sub.add_parser("version", help="print the version")
+
+    up = sub.add_parser("up", help="run the host daemon")
+    up.add_argument("--no-ui", action="store_true", help="run headless in the foreground")
+    up.add_argument("--listen", metavar="IP", help="address to listen on (default 127.0.0.1)")
+    up.add_argument("--route", action="append", metavar="CIDR",
+                    help="route this subnet into the tunnel (repeatable)")
+    _tunnel_flags(up, "ctun0")
+
+    vm = sub.add_parser("vm", help="run the agent inside the Docker VM")
+    vm.add_argument("--host", metavar="HOST", help="the host to connect to "
+                    "(default host.docker.internal)")
+    _tunnel_flags(vm, "ctunvm0")
+
+    status = sub.add_parser("status", help="show the running tunnel's state and counters")
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    status.add_argument("--interface", default="ctun0", metavar="NAME",
+                        help="which instance to ask (default ctun0; the agent's is ctunvm0)")
+
+    demo = sub.add_parser("demo", help="build a local lab in network namespaces and show "
+                          "a container reached by IP through ctun")
+    demo.add_argument("--duration", type=float, metavar="SECONDS",
+                      help="stop after this long instead of waiting for Ctrl-C")
+    demo.add_argument("--containers", type=int, default=2, metavar="N",
+                      help="container namespaces to create (default 2)")
+    return parser
+
+
+def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    found = {}
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            found[name] = value
+    if getattr(args, "route", None):
+        found["routes"] = args.route
+    return found
+
+
+_COMMON = ("addr", "port", "mtu", "interface", "transport", "key_file", "keepalive",
+           "dead_after", "rekey_after")
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise UserError(f"{what} needs root (it creates a network interface): "
+                        f"run it with sudo")
+
+
+def _run_tunnel(args: argparse.Namespace) -> int:
+    from .core import config, logs, plugins, runtime
+
+    if args.command == "up":
+        if not args.no_ui:
+            raise UserError("the terminal UI is not in this build yet: run `ctun up --no-ui`")
+        cfg: Any = config.load_host_config(args.config, _overrides(args, (*_COMMON, "listen")))
+        from .core.daemon import run
+    else:
+        cfg = config.load_agent_config(args.config, _overrides(args, (*_COMMON, "host")))
+        from .vm.agent import run  # type: ignore[assignment]
+    _require_root(f"ctun {args.command}")
+    pm = plugins.create_manager()
+    plugins.transport(pm, cfg.transport)  # an unknown transport is a user error: say so now
+    listener = logs.setup(args.log_level)
+    try:
+        with runtime.stop_on_signals() as stop:
+            run(cfg, pm, stop)
+    finally:
+        listener.stop()
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .core import control
+
+    answer = control.request(control.socket_path(args.interface), "status")
+    status = answer["status"]
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status))
+    return 0
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [
+        f"ctun {status['role']} {status['version']}  interface {status['interface']}  "
+        f"{status['transport']} {status['local_endpoint'][0]}:{status['local_endpoint'][1]}  "
+        f"up {status['uptime']:.0f} s",
+    ]
+    header = f"{'PEER':<8} {'STATE':<11} {'ENDPOINT':<22} {'HANDSHAKE':>9} {'RTT ms':>7} " \
+             f"{'RX pkts':>9} {'RX bytes':>11} {'TX pkts':>9} {'TX bytes':>11}"
+    lines.append(header)
+    for p in status["peers"]:
+        endpoint = f"{p['endpoint'][0]}:{p['endpoint'][1]}" if p["endpoint"] else "-"
+        age = f"{p['handshake_age']:.0f} s" if p["handshake_age"] is not None else "-"
+        rtt = f"{p['rtt_ms']:.2f}" if p["rtt_ms"] is not None else "-"
+        lines.append(f"{p['name']:<8} {p['state']:<11} {endpoint:<22} {age:>9} {rtt:>7} "
+                     f"{p['rx_packets']:>9} {p['rx_bytes']:>11} {p['tx_packets']:>9} "
+                     f"{p['tx_bytes']:>11}")
+        if p["drops"]:
+            drops = ", ".join(f"{k} {v}" for k, v in sorted(p["drops"].items()))
+            lines.append(f"{'':<8} drops: {drops}")
+    if status.get("drops"):
+        drops = ", ".join(f"{k} {v}" for k, v in sorted(status["drops"].items()))
+        lines.append(f"unauthenticated drops: {drops}")
+    if "routes" in status:
+        lines.append("routes: " + (", ".join(status["routes"]) or "none"))
+    for problem in status.get("route_problems", []):
+        lines.append(f"warning: {problem}")
+    return "\n".join(lines)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    _require_root("ctun demo")
+    from .lab.demo import run_demo
+
+    return run_demo(containers=args.containers, duration=args.duration)
+
+
+def _version(_args: argparse.Namespace) -> int:
+    print(f"ctun {__version__}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "version": _version,
+    "up": _run_tunnel,
+    "vm": _run_tunnel,
+    "status": _status,
+    "demo": _demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        message = _user_message(exc)
+        if message is None:
+            raise
+        print(f"ctun {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _user_message(exc: Exception) -> str | None:
+    """The one-line message for errors a user can cause and fix; None for bugs."""
+    from .core.config import ConfigError
+    from .core.contracts import PlatformError
+    from .core.control import ControlError
+    from .core.plugins import PluginError
+
+    if isinstance(exc, UserError | ConfigError | PlatformError | PluginError | ControlError):
+        return str(exc)
+    return None

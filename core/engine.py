@@ -1,0 +1,576 @@
+"""The tunnel engine: sessions, packet pumps, keepalive, dead-peer detection, reconnect.
+
+Three threads. The interface pump reads IP packets from the virtual interface, seals them
+and sends them; the network pump receives frames, checks them in the protocol's fixed order
+and writes what survives to the interface; the timer thread runs handshakes, keepalives,
+control retransmits and the event queue. Logging and plugin hooks only ever run on the timer
+thread, so nothing slow sits on the packet path.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import queue
+import secrets
+import select
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from typing import Any
+
+from . import messages
+from .contracts import Endpoint, Transport, VirtualInterface
+from .protocol import (
+    Drop,
+    Dropped,
+    FrameType,
+    Prefixes,
+    check_init_freshness,
+    check_inner,
+    consume_response,
+    create_init,
+    create_response,
+    frame_type,
+    ipv4_destination,
+    parse_init,
+    receiver_index,
+    verify_init,
+)
+from .session import Peer, Session
+
+log = logging.getLogger("ctun.engine")
+
+BATCH = 64
+MAX_KEEPALIVE_ECHO = 16  # a keepalive may carry a timestamp the host echoes, nothing more
+HANDSHAKE_TIMEOUT = 1.0  # resend an initiation not answered within this
+MAX_BACKOFF = 4.0
+CONTROL_RETRY = 1.0
+CONTROL_TRIES = 10
+PREVIOUS_SESSION_GRACE = 10.0  # in-flight frames under the old keys are still accepted
+INITS_PER_SECOND = 20  # per peer: caps the key exchanges a replaying or buggy peer can cost
+
+
+class Role(enum.StrEnum):
+    HOST = "host"  # listens, answers handshakes, owns the routes to the Docker subnets
+    VM = "vm"  # connects out, initiates handshakes, forwards to the bridges
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    name: str
+    psk: bytes
+    allowed_sources: tuple[IPv4Network, ...]
+    routes: tuple[IPv4Network, ...]
+
+
+@dataclass(frozen=True)
+class EngineTimers:
+    keepalive: float = 1.0
+    dead_after: float = 3.0
+    rekey_after: float = 120.0
+    handshake_skew: float = 600.0
+
+    @property
+    def reject_after(self) -> float:
+        # WireGuard's ratio (120 s rekey, 180 s reject): a late rekey never stalls traffic.
+        return self.rekey_after * 1.5
+
+
+Event = tuple[str, str, str]  # (peer, state, reason)
+EventSink = Callable[[str, str, str], None]
+
+
+class Engine:
+    def __init__(
+        self,
+        role: Role,
+        interface: VirtualInterface,
+        transport: Transport,
+        peers: Iterable[PeerSpec],
+        mtu: int,
+        timers: EngineTimers,
+        name: str,
+        version: str,
+        remote: Endpoint | None = None,
+        on_event: EventSink | None = None,
+    ) -> None:
+        self.role = role
+        self.interface = interface
+        self.transport = transport
+        self.mtu = mtu
+        self.timers = timers
+        self.name = name
+        self.version = version
+        self.peers = [
+            Peer(p.name, p.psk, Prefixes(p.allowed_sources), Prefixes(p.routes)) for p in peers
+        ]
+        if role is Role.VM:
+            if remote is None or len(self.peers) != 1:
+                raise ValueError("the VM side talks to exactly one host at a known address")
+            self.peers[0].endpoint = remote
+        self._by_key_id = {p.key_id: p for p in self.peers}
+        self._sessions: dict[int, tuple[Session, Peer]] = {}
+        self._lock = threading.Lock()  # handshake and session bookkeeping, never per packet
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._on_event = on_event
+        self.drops_in: Counter[str] = Counter()  # frames no session could be found for
+        self.drops_out: Counter[str] = Counter()  # interface packets with nowhere to go
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        self._threads: list[threading.Thread] = []
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        for target, name in (
+            (self._interface_pump, "ctun-if"),
+            (self._network_pump, "ctun-net"),
+            (self._timer_loop, "ctun-timer"),
+        ):
+            thread = threading.Thread(target=self._guard(target), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except Exception:
+                log.exception("engine thread %s failed; stopping", threading.current_thread().name)
+                self._stop.set()
+                os.write(self._wake_w, b"x")
+
+        return run
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def stop(self, reason: str = "shutting down") -> None:
+        """Tell the peers we are going (so they reconnect at once), then stop the threads."""
+        if not self._stop.is_set():
+            for peer in self.peers:
+                self._send_close(peer, reason)
+        self._stop.set()
+        os.write(self._wake_w, b"x")
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
+        self._drain_events()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stop.wait(timeout)
+
+    # --- interface -> network ----------------------------------------------------------
+
+    def _interface_pump(self) -> None:
+        poller = select.poll()
+        poller.register(self.interface.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        single = self.peers[0] if self.role is Role.VM else None
+        while not self._stop.is_set():
+            if not poller.poll(1000):
+                continue
+            packets = self.interface.read_packets(BATCH)
+            if not packets:
+                continue
+            now = time.monotonic()
+            for packet in packets:
+                peer = single or self._peer_for(packet)
+                if peer is None:
+                    self.drops_out[Drop.NO_PEER] += 1
+                    continue
+                self._send_packet(peer, packet, now)
+
+    def _peer_for(self, packet: bytes) -> Peer | None:
+        destination = ipv4_destination(packet)
+        if destination is None:
+            return None
+        best, best_len = None, -1
+        for peer in self.peers:
+            length = peer.routes.longest_match(destination)
+            if length > best_len:
+                best, best_len = peer, length
+        return best
+
+    def _send_packet(self, peer: Peer, packet: bytes, now: float) -> None:
+        session, endpoint = peer.current, peer.endpoint
+        if session is None or endpoint is None or now - session.created > self.timers.reject_after:
+            peer.counters.drops_out[Drop.NO_SESSION] += 1
+            return
+        try:
+            frame = session.sealer.seal(FrameType.DATA, packet)
+        except Dropped as dropped:
+            peer.counters.drops_out[dropped.reason] += 1
+            return
+        self.transport.send(frame, endpoint)
+        counters = peer.counters
+        counters.tx_packets += 1
+        counters.tx_bytes += len(packet)
+        peer.last_sent = now
+
+    # --- network -> interface ----------------------------------------------------------
+
+    def _network_pump(self) -> None:
+        poller = select.poll()
+        poller.register(self.transport.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(1000):
+                continue
+            frames = self.transport.receive(BATCH)
+            now = time.monotonic()
+            for frame, source in frames:
+                self.receive_frame(frame, source, now)
+
+    def receive_frame(self, frame: bytes, source: Endpoint, now: float) -> None:
+        """Check one frame in the protocol's order; count and forget anything that fails."""
+        peer: Peer | None = None
+        try:
+            ftype = frame_type(frame)
+            if ftype is FrameType.INIT:
+                self._on_init(frame, source, now)
+            elif ftype is FrameType.RESPONSE:
+                self._on_response(frame, source, now)
+            else:
+                entry = self._sessions.get(receiver_index(frame))
+                if entry is None:
+                    raise Dropped(Drop.UNKNOWN_SESSION)
+                session, peer = entry
+                self._on_transport(peer, session, ftype, frame, source, now)
+        except Dropped as dropped:
+            (peer.counters.drops_in if peer else self.drops_in)[dropped.reason] += 1
+
+    def _on_transport(
+        self,
+        peer: Peer,
+        session: Session,
+        ftype: FrameType,
+        frame: bytes,
+        source: Endpoint,
+        now: float,
+    ) -> None:
+        if now - session.created > self.timers.reject_after:
+            raise Dropped(Drop.KEY_EXPIRED)
+        payload = session.opener.open(frame)
+        message: messages.ControlMessage | None = None
+        if ftype is FrameType.DATA:
+            check_inner(payload, peer.allowed_sources, self.mtu)
+        elif ftype is FrameType.KEEPALIVE and len(payload) > MAX_KEEPALIVE_ECHO:
+            raise Dropped(Drop.MALFORMED)
+        elif ftype is FrameType.CONTROL:
+            message = messages.parse(payload)
+        # Authenticated, fresh and sane: only now may it change state or reach the interface.
+        if not session.confirmed:
+            self._confirm(peer, session, now)
+        peer.endpoint = source
+        peer.last_received = now
+        if peer.state != "up" and session is peer.current:
+            self._set_state(peer, "up", "traffic resumed")
+        if ftype is FrameType.DATA:
+            self.interface.write_packet(payload)
+            peer.counters.rx_packets += 1
+            peer.counters.rx_bytes += len(payload)
+        elif ftype is FrameType.KEEPALIVE:
+            self._on_keepalive(peer, session, payload, now)
+        elif message is not None:
+            self._on_control(peer, session, message, now)
+        elif ftype is FrameType.CLOSE:
+            self._on_close(peer, session)
+
+    def _on_keepalive(self, peer: Peer, session: Session, payload: bytes, now: float) -> None:
+        if self.role is Role.HOST:
+            # Echo so the VM side can tell we are alive and measure the round trip.
+            self._send(peer, session, FrameType.KEEPALIVE, payload, now)
+        elif len(payload) == 8:
+            sent = int.from_bytes(payload, "big") / 1e9
+            if 0 <= now - sent < 60:
+                peer.rtt = now - sent
+
+    def _on_close(self, peer: Peer, session: Session) -> None:
+        with self._lock:
+            self._forget(session)
+            if peer.current is session:
+                peer.current = None
+            peer.next_attempt = 0.0
+            peer.backoff = 0.0
+        self._set_state(peer, "connecting" if self.role is Role.VM else "down", "peer closed")
+
+    # --- handshakes --------------------------------------------------------------------
+
+    def _on_init(self, frame: bytes, source: Endpoint, now: float) -> None:
+        if self.role is not Role.HOST:
+            raise Dropped(Drop.UNKNOWN_TYPE)
+        message = parse_init(frame)
+        peer = self._by_key_id.get(message.key_id)
+        if peer is None:
+            raise Dropped(Drop.UNKNOWN_PEER)
+        try:
+            verify_init(message, peer.psk)
+            check_init_freshness(
+                message,
+                peer.last_init_timestamp,
+                time.time_ns(),
+                int(self.timers.handshake_skew * 1e9),
+            )
+            if now - peer.last_init_accepted < 1 / INITS_PER_SECOND:
+                raise Dropped(Drop.RATE_LIMITED)
+        except Dropped as dropped:
+            peer.counters.drops_in[dropped.reason] += 1
+            return
+        with self._lock:
+            response, keys = create_response(message, peer.psk, self._new_index())
+            peer.last_init_timestamp = message.timestamp_ns
+            peer.last_init_accepted = now
+            if peer.pending_response is not None:
+                self._forget(peer.pending_response)
+            session = Session(keys, now, initiator=False)
+            peer.pending_response = session
+            self._sessions[session.local_index] = (session, peer)
+        self.transport.send(response, source)
+
+    def _on_response(self, frame: bytes, source: Endpoint, now: float) -> None:
+        if self.role is not Role.VM:
+            raise Dropped(Drop.UNKNOWN_TYPE)
+        peer = self.peers[0]
+        with self._lock:
+            pending = peer.pending_init
+            if pending is None:
+                raise Dropped(Drop.UNKNOWN_SESSION)
+            try:
+                keys = consume_response(pending, frame)
+            except Dropped as dropped:
+                peer.counters.drops_in[dropped.reason] += 1
+                return
+            peer.pending_init = None
+            session = Session(keys, now, initiator=True, confirmed=True)
+            self._sessions[session.local_index] = (session, peer)
+            self._install(peer, session, now)
+            peer.backoff = 0.0
+        peer.last_received = now
+        # The first frame under the new keys confirms them to the host; send it at once.
+        self._send_keepalive(peer, session, now)
+        self._queue_control(peer, "hello", role=self.role.value, name=self.name,
+                            version=self.version)
+        self._set_state(peer, "up", "handshake complete")
+
+    def _confirm(self, peer: Peer, session: Session, now: float) -> None:
+        with self._lock:
+            session.confirmed = True
+            if peer.pending_response is session:
+                peer.pending_response = None
+            self._install(peer, session, now)
+        self._queue_control(peer, "hello", role=self.role.value, name=self.name,
+                            version=self.version)
+        self._set_state(peer, "up", "handshake complete")
+
+    def _install(self, peer: Peer, session: Session, now: float) -> None:
+        """Make `session` current; the old one stays valid for receiving a little longer."""
+        if peer.previous is not None:
+            self._forget(peer.previous)
+        peer.previous = peer.current
+        peer.current = session
+        peer.handshakes += 1
+        peer.control.unacked.clear()
+        peer.control.highest_seen = 0
+
+    def _forget(self, session: Session) -> None:
+        self._sessions.pop(session.local_index, None)
+
+    def _new_index(self) -> int:
+        while True:
+            index = secrets.randbits(32)
+            if index not in self._sessions:
+                return index
+
+    def _initiate(self, peer: Peer, now: float) -> None:
+        with self._lock:
+            peer.pending_init = create_init(peer.psk, self._new_index(), time.time_ns())
+            peer.init_sent_at = now
+            # Exponential backoff with jitter, so many agents never retry in lockstep.
+            peer.backoff = min(MAX_BACKOFF, max(HANDSHAKE_TIMEOUT, peer.backoff * 2))
+            peer.next_attempt = now + peer.backoff * (0.8 + 0.4 * secrets.randbelow(1000) / 1000)
+            message = peer.pending_init.message
+        if peer.endpoint is not None:
+            self.transport.send(message, peer.endpoint)
+
+    # --- control channel ---------------------------------------------------------------
+
+    def _queue_control(self, peer: Peer, kind: str, **body: Any) -> None:
+        with self._lock:
+            seq = peer.control.next_seq
+            peer.control.next_seq += 1
+            payload = messages.encode(kind, seq, **body)
+            peer.control.unacked[seq] = (payload, 0.0, 0)
+
+    def _on_control(
+        self, peer: Peer, session: Session, message: messages.ControlMessage, now: float
+    ) -> None:
+        if message.kind == "ack":
+            peer.control.unacked.pop(message.seq, None)
+            return
+        # Acknowledge every copy (our ack may have been lost), act on each seq once.
+        self._send(peer, session, FrameType.CONTROL, messages.encode("ack", message.seq), now)
+        if message.seq <= peer.control.highest_seen:
+            return
+        peer.control.highest_seen = message.seq
+        if message.kind == "hello":
+            peer.remote_name = message.body["name"]
+            peer.remote_version = message.body["version"]
+            self._events.put((peer.name, "hello", f"{peer.remote_name} {peer.remote_version}"))
+
+    def _flush_control(self, peer: Peer, now: float) -> None:
+        session = peer.current
+        if session is None:
+            return
+        for seq, (payload, sent_at, tries) in list(peer.control.unacked.items()):
+            if now - sent_at < CONTROL_RETRY:
+                continue
+            if tries >= CONTROL_TRIES:
+                peer.control.unacked.pop(seq, None)
+                continue
+            peer.control.unacked[seq] = (payload, now, tries + 1)
+            self._send(peer, session, FrameType.CONTROL, payload, now)
+
+    # --- sending helpers ---------------------------------------------------------------
+
+    def _send(self, peer: Peer, session: Session, ftype: FrameType, payload: bytes, now: float
+              ) -> None:
+        if peer.endpoint is None:
+            return
+        try:
+            frame = session.sealer.seal(ftype, payload)
+        except Dropped:
+            return
+        self.transport.send(frame, peer.endpoint)
+
+    def _send_keepalive(self, peer: Peer, session: Session, now: float) -> None:
+        self._send(peer, session, FrameType.KEEPALIVE, time.monotonic_ns().to_bytes(8, "big"),
+                   now)
+        peer.last_keepalive = now
+
+    def _send_close(self, peer: Peer, reason: str) -> None:
+        session = peer.current
+        if session is not None:
+            self._send(peer, session, FrameType.CLOSE, b"", time.monotonic())
+
+    # --- timers ------------------------------------------------------------------------
+
+    def _timer_loop(self) -> None:
+        while not self._stop.wait(0.05):
+            now = time.monotonic()
+            for peer in self.peers:
+                if self.role is Role.VM:
+                    self._tick_initiator(peer, now)
+                else:
+                    self._tick_responder(peer, now)
+                self._flush_control(peer, now)
+                self._retire_previous(peer, now)
+            self._drain_events()
+
+    def _tick_initiator(self, peer: Peer, now: float) -> None:
+        session = peer.current
+        if session is not None and now - peer.last_received > self.timers.dead_after:
+            with self._lock:
+                self._forget(session)
+                peer.current = None
+                peer.backoff = 0.0
+                peer.next_attempt = 0.0
+            self._set_state(peer, "connecting",
+                            f"no answer from the host for {self.timers.dead_after:g} s")
+            session = None
+        if session is None:
+            if now >= peer.next_attempt:
+                self._initiate(peer, now)
+            return
+        age = now - session.created
+        wants_rekey = age > self.timers.rekey_after or session.sealer.sent > 1 << 60
+        if wants_rekey and (peer.pending_init is None or now >= peer.next_attempt):
+            self._initiate(peer, now)
+        # Keepalives go out even under load: the host's echo is how we know it is alive.
+        if now - peer.last_keepalive >= self.timers.keepalive:
+            self._send_keepalive(peer, session, now)
+
+    def _tick_responder(self, peer: Peer, now: float) -> None:
+        if (
+            peer.state == "up"
+            and peer.current is not None
+            and now - peer.last_received > self.timers.dead_after
+        ):
+            self._set_state(peer, "down",
+                            f"no frame from {peer.name} for {self.timers.dead_after:g} s")
+
+    def _retire_previous(self, peer: Peer, now: float) -> None:
+        previous, current = peer.previous, peer.current
+        if previous is not None and current is not None and \
+                now - current.created > PREVIOUS_SESSION_GRACE:
+            with self._lock:
+                self._forget(previous)
+                peer.previous = None
+
+    def _set_state(self, peer: Peer, state: str, reason: str) -> None:
+        if peer.state == state:
+            return
+        peer.state = state
+        peer.state_reason = reason
+        self._events.put((peer.name, state, reason))
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                peer, state, reason = self._events.get_nowait()
+            except queue.Empty:
+                return
+            log.info("peer %s: %s (%s)", peer, state, reason)
+            if self._on_event is not None:
+                try:
+                    self._on_event(peer, state, reason)
+                except Exception:
+                    log.exception("event handler failed for peer %s", peer)
+
+    # --- status ------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        drops = Counter(self.drops_in)
+        drops.update(self.drops_out)
+        return {
+            "role": self.role.value,
+            "name": self.name,
+            "version": self.version,
+            "interface": self.interface.name,
+            "transport": self.transport.name,
+            "local_endpoint": list(self.transport.local_endpoint),
+            "uptime": round(now - self.started, 3),
+            "drops": dict(drops),
+            "peers": [self._peer_snapshot(p, now) for p in self.peers],
+        }
+
+    def _peer_snapshot(self, peer: Peer, now: float) -> dict[str, Any]:
+        c = peer.counters
+        age = peer.handshake_age(now)
+        return {
+            "name": peer.name,
+            "state": peer.state,
+            "reason": peer.state_reason,
+            "endpoint": list(peer.endpoint) if peer.endpoint else None,
+            "handshake_age": None if age is None else round(age, 3),
+            "last_seen_age": round(now - peer.last_received, 3) if peer.last_received else None,
+            "handshakes": peer.handshakes,
+            "rtt_ms": None if peer.rtt is None else round(peer.rtt * 1000, 3),
+            "remote_name": peer.remote_name,
+            "remote_version": peer.remote_version,
+            "rx_packets": c.rx_packets,
+            "rx_bytes": c.rx_bytes,
+            "tx_packets": c.tx_packets,
+            "tx_bytes": c.tx_bytes,
+            "drops": c.drops(),
+        }

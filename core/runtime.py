@@ -1,0 +1,67 @@
+"""What the host daemon and the VM agent share: signals, the control socket, orderly teardown."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+import pluggy
+
+from . import control
+from .contracts import PlatformAdapter
+from .engine import Engine
+
+log = logging.getLogger("ctun")
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT/SIGTERM (and SIGHUP: the terminal went away)."""
+    stop = threading.Event()
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def event_sink(pm: pluggy.PluginManager) -> Callable[[str, str, str], None]:
+    def sink(peer: str, state: str, reason: str) -> None:
+        pm.hook.ctun_session_state_changed(peer=peer, state=state, reason=reason)
+
+    return sink
+
+
+def serve(
+    engine: Engine,
+    adapter: PlatformAdapter,
+    stop: threading.Event,
+    extra_status: Callable[[], dict[str, Any]],
+) -> None:
+    """Run the engine and its control socket until a signal, then stop the engine."""
+    handlers: dict[str, control.Handler] = {
+        "status": lambda _req: {"status": {**engine.snapshot(), **extra_status()}},
+    }
+    server = control.ControlServer(control.socket_path(engine.interface.name), handlers)
+    engine.start()
+    server.start()
+    log.info("control socket at %s", server.path)
+    try:
+        while not stop.wait(0.2):
+            if engine.stopped:
+                raise RuntimeError("the tunnel engine stopped unexpectedly (see above)")
+    finally:
+        server.close()
+        engine.stop()

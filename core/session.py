@@ -1,0 +1,94 @@
+"""Per-peer state: sessions, counters and the reliable control channel's bookkeeping."""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+from .contracts import Endpoint
+from .protocol import Opener, PendingInit, Prefixes, Sealer, SessionKeys, key_id
+
+
+@dataclass
+class Session:
+    """One set of session keys; a peer has a current one and, briefly, the one before."""
+
+    keys: SessionKeys
+    created: float  # monotonic seconds
+    initiator: bool
+    sealer: Sealer = field(init=False)
+    opener: Opener = field(init=False)
+    confirmed: bool = False  # responder: the initiator has proved it holds the keys
+
+    def __post_init__(self) -> None:
+        self.sealer = Sealer(self.keys.send, self.keys.remote_index)
+        self.opener = Opener(self.keys.receive)
+
+    @property
+    def local_index(self) -> int:
+        return self.keys.local_index
+
+
+@dataclass
+class Counters:
+    """Touched by one thread each: rx_* by the network pump, tx_* by the interface pump."""
+
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    # Two counters so each pump only ever writes its own (no lock on the packet path).
+    drops_in: collections.Counter[str] = field(default_factory=collections.Counter)
+    drops_out: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def drops(self) -> dict[str, int]:
+        total = collections.Counter(self.drops_in)
+        total.update(self.drops_out)
+        return dict(total)
+
+
+@dataclass
+class ControlState:
+    next_seq: int = 1
+    highest_seen: int = 0
+    # seq -> (payload, monotonic time last sent, times sent)
+    unacked: dict[int, tuple[bytes, float, int]] = field(default_factory=dict)
+
+
+@dataclass
+class Peer:
+    name: str
+    psk: bytes
+    allowed_sources: Prefixes  # inner source addresses this peer may send from
+    routes: Prefixes  # destinations that are sent to this peer
+    endpoint: Endpoint | None = None
+    current: Session | None = None
+    previous: Session | None = None
+    pending_response: Session | None = None  # responder, awaiting the first frame
+    pending_init: PendingInit | None = None  # initiator, awaiting the response
+    init_sent_at: float = 0.0
+    next_attempt: float = 0.0
+    backoff: float = 0.0
+    last_init_timestamp: int = 0  # responder: newest initiation accepted, for replay refusal
+    last_init_accepted: float = 0.0
+    last_received: float = 0.0
+    last_sent: float = 0.0
+    last_keepalive: float = 0.0
+    handshakes: int = 0
+    state: str = "connecting"
+    state_reason: str = ""
+    rtt: float | None = None
+    remote_name: str = ""
+    remote_version: str = ""
+    counters: Counters = field(default_factory=Counters)
+    control: ControlState = field(default_factory=ControlState)
+    key_id: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.key_id = key_id(self.psk)
+
+    def handshake_age(self, now: float | None = None) -> float | None:
+        if self.current is None:
+            return None
+        return (now if now is not None else time.monotonic()) - self.current.created

@@ -1,0 +1,138 @@
+"""Shared fixtures: prerequisite handling for `root` tests, the namespace lab, a leak guard."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from ctun.lab import netns
+from ctun.lab.topology import Lab, created_prefixes, lab_namespaces
+
+LAB_PREFIX = "ctunlab"
+
+
+def _strict() -> bool:
+    """CI must run everything: there a missing prerequisite is a failure, not a skip."""
+    return os.environ.get("CI") == "true" or os.environ.get("CTUN_REQUIRE_ALL") == "1"
+
+
+@functools.cache
+def missing_prerequisite() -> str | None:
+    """Why `root` tests cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root"
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+    except OSError:
+        return "needs /dev/net/tun"
+    os.close(fd)
+    if shutil.which("ip") is None:
+        return "needs `ip netns` (iproute2)"
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, check=False)
+    if probe.returncode != 0:  # busybox ip, or a kernel without network namespaces
+        return "needs `ip netns` (iproute2)"
+    if shutil.which("ping") is None:
+        return "needs iputils ping"
+    version = subprocess.run(["ping", "-V"], capture_output=True, text=True, check=False)
+    # busybox/inetutils pings lack -M (don't fragment) and -W, which the lab relies on.
+    if "iputils" not in version.stdout + version.stderr:
+        return "needs iputils ping"
+    return None
+
+
+def require_root_prerequisites() -> None:
+    reason = missing_prerequisite()
+    if reason is None:
+        return
+    if _strict():
+        pytest.fail(f"{reason} (CI=true or CTUN_REQUIRE_ALL=1: missing prerequisites fail)")
+    pytest.skip(reason)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # A hook rather than an autouse fixture: it runs before any fixture is set up, so a
+    # module-scoped `lab` is never even attempted on a machine that cannot host it.
+    if item.get_closest_marker("root") is not None:
+        require_root_prerequisites()
+
+
+def _prefix(*parts: str) -> str:
+    """A stable lab prefix: the same test gets the same namespaces on every run, so leftovers
+    of a crashed run are found and removed by the next create()."""
+    text = "-".join(re.sub(r"[^A-Za-z0-9_]+", "_", p) for p in parts)
+    if len(text) > 40:  # keep namespace names readable; the hash keeps them distinct
+        text = text[:31] + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{LAB_PREFIX}-{text}"
+
+
+@pytest.fixture(scope="module")
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """One lab per test module; a module may set LAB_CONTAINERS (default 2)."""
+    require_root_prerequisites()
+    module_name = request.module.__name__.rpartition(".")[2]
+    the_lab = Lab(_prefix(module_name), containers=getattr(request.module, "LAB_CONTAINERS", 2))
+    try:
+        the_lab.create()
+        yield the_lab
+    finally:
+        the_lab.destroy()
+
+
+@pytest.fixture
+def fresh_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """A lab of its own for a test that breaks things (one container)."""
+    require_root_prerequisites()
+    digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]
+    the_lab = Lab(_prefix("f", digest))
+    try:
+        the_lab.create()
+        yield the_lab
+    finally:
+        the_lab.destroy()
+
+
+def _namespaces() -> set[str]:
+    try:
+        return set(os.listdir(netns.NETNS_DIR))
+    except FileNotFoundError:
+        return set()
+
+
+def _root_ctun_links() -> set[str]:
+    # if_nameindex() lists the namespace of the calling thread: the main thread stays in the
+    # root namespace (netns.call_in only moves short-lived helper threads).
+    return {name for _, name in socket.if_nameindex() if name.startswith("ctun")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftovers() -> Iterator[None]:
+    """Fail the session if it leaves a lab namespace or a ctun* link in the root namespace."""
+    namespaces_before = _namespaces()
+    links_before = _root_ctun_links()
+    yield
+    leaked_ns = {
+        n
+        for n in _namespaces()
+        if (n.startswith(LAB_PREFIX) and n not in namespaces_before)
+        or any(n in lab_namespaces(p) for p in created_prefixes())
+    }
+    leaked_links = _root_ctun_links() - links_before
+    # Clean up before failing, so one broken run does not break the next ones too.
+    for prefix in created_prefixes():
+        if lab_namespaces(prefix):
+            Lab(prefix).destroy()
+    for name in leaked_ns:
+        netns.delete(name)
+    for link in leaked_links:
+        subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
+    assert not leaked_ns, f"test session left network namespaces behind: {sorted(leaked_ns)}"
+    assert not leaked_links, f"test session left links in the root namespace: {leaked_links}"

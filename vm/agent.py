@@ -1,0 +1,72 @@
+"""The VM side: connects out to the host and forwards between the tunnel and the bridges."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from ipaddress import IPv4Network
+from typing import Any
+
+import pluggy
+
+from .. import __version__
+from ..core import plugins, runtime
+from ..core.config import AgentConfig
+from ..core.contracts import Transport
+from ..core.daemon import engine_timers
+from ..core.engine import Engine, PeerSpec, Role
+
+log = logging.getLogger("ctun.vm")
+
+HOST_PEER = "host"
+
+
+def resolve(host: str, port: int, stop: threading.Event) -> str | None:
+    """The host's IPv4 address; keeps trying (the name may appear later), None if stopped."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
+            return str(infos[0][4][0])
+        except OSError as exc:
+            log.warning("cannot resolve %s (%s); retrying in %.1f s", host, exc, delay)
+        stop.wait(delay)
+        delay = min(delay * 2, 5.0)
+    return None
+
+
+def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> None:
+    adapter = plugins.platform_adapter(pm)
+    transport_cls = plugins.transport(pm, cfg.transport)
+    for line in adapter.cleanup_leftovers(cfg.tunnel.interface):
+        log.warning("cleaned up after a previous run: %s", line)
+    transport: Transport | None = None
+    try:
+        address = resolve(cfg.host, cfg.port, stop)
+        if address is None:
+            return
+        interface = adapter.open_interface(cfg.tunnel.interface, cfg.tunnel.mtu)
+        adapter.set_address(cfg.tunnel.vm_address, cfg.tunnel.host_address)
+        adapter.add_route(cfg.tunnel.network, via=cfg.tunnel.host_address)
+        adapter.enable_forwarding()
+        transport = transport_cls.connect((address, cfg.port))
+        # From the host we accept only tunnel-network sources: the host and its accessors.
+        host = PeerSpec(HOST_PEER, cfg.key, (cfg.tunnel.network,), (IPv4Network("0.0.0.0/0"),))
+        engine = Engine(
+            Role.VM, interface, transport, [host], cfg.tunnel.mtu, engine_timers(cfg),
+            name=socket.gethostname(), version=__version__, remote=(address, cfg.port),
+            on_event=runtime.event_sink(pm),
+        )
+        log.info("connecting to %s (%s:%d) over %s from %s %s", cfg.host, address, cfg.port,
+                 cfg.transport, interface.name, cfg.tunnel.vm_address)
+
+        def extra() -> dict[str, Any]:
+            return {"remote": [cfg.host, cfg.port], "routes": [str(r) for r in adapter.routes()]}
+
+        runtime.serve(engine, adapter, stop, extra)
+    finally:
+        if transport is not None:
+            transport.close()
+        adapter.close()
+        log.info("stopped; interface %s removed", cfg.tunnel.interface)
