@@ -25,8 +25,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _tunnel_flags(p: argparse.ArgumentParser, interface: str) -> None:
-    p.add_argument("--config", metavar="FILE", help="TOML config file (default /etc/ctun/ctun.toml)")
-    p.add_argument("--addr", metavar="CIDR", help="VM-side tunnel address (default 192.168.251.1/24)")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML config file (default /etc/ctun/ctun.toml)")
+    p.add_argument("--addr", metavar="CIDR",
+                   help="VM-side tunnel address (default 192.168.251.1/24)")
     p.add_argument("--port", metavar="N", help="tunnel port (default 2511)")
     p.add_argument("--mtu", metavar="N", help="tunnel MTU (default 1400)")
     p.add_argument("--interface", metavar="NAME", help=f"interface name (default {interface})")

@@ -20,11 +20,11 @@ import shlex
 import stat
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time
 from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network, ip_address
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .contracts import Endpoint
 from .keys import ConfigError, decode_key, encode_key, load_or_create_key, read_key
@@ -128,7 +128,7 @@ class TunnelConfig:
 @dataclass(frozen=True)
 class PeerConfig:
     name: str  # ^[a-z][a-z0-9_-]{0,31}$
-    key: bytes  # 32-byte pre-shared secret
+    key: bytes = field(repr=False)  # 32-byte pre-shared secret; kept out of logged reprs
     allowed: tuple[IPv4Network, ...]  # inner source networks beyond what the role implies
 
 
@@ -159,7 +159,7 @@ class AgentConfig:
     host: str  # a name or an IP literal; resolved later, not here
     port: int
     transport: str
-    key: bytes
+    key: bytes = field(repr=False)  # kept out of logged reprs
     timers: Timers
     source: str | None
 
@@ -172,6 +172,7 @@ def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
 # --- where a value came from, and how to blame it ----------------------------------------
 
 _FILE, _FLAG, _DEFAULT = "file", "flag", "default"
+_Role = Literal["host", "agent"]
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ class _Settings:
         doc: Mapping[str, object],
         overrides: Mapping[str, object],
         source: str | None,
-        role: str,
+        role: _Role,
     ) -> None:
         self.doc = doc
         self.source = source
@@ -243,13 +244,13 @@ def _flag_name(key: str) -> str:
     return FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
 
 
-def _wrong_role(role: str) -> str:
+def _wrong_role(role: _Role) -> str:
     if role == "host":
         return "only for `ctun vm` (the VM side); remove it from the host's settings"
-    return "only for the host side, not for `ctun vm`; remove it from the VM side's settings"
+    return "only for `ctun up` (the host side); remove it from the VM side's settings"
 
 
-def _misplaced(key: str, known: frozenset[str], other: frozenset[str], role: str) -> str:
+def _misplaced(key: str, known: frozenset[str], other: frozenset[str], role: _Role) -> str:
     if key in other:
         return f"{key}: {_wrong_role(role)}"
     message = f"unknown key {key!r} (known: {', '.join(sorted(known))})"
@@ -378,10 +379,11 @@ def _tunnel(s: _Settings, default_interface: str) -> TunnelConfig:
     addr = s.get("addr", DEFAULT_ADDR)
     mtu = _int(s.get("mtu", DEFAULT_MTU), MTU_MIN, MTU_MAX)
     interface_v = s.get("interface", default_interface)
-    interface = _str(interface_v, '"ctun0"')
+    interface = _str(interface_v, f'"{default_interface}"')
     if not _INTERFACE_RE.fullmatch(interface):
         raise interface_v.error(
-            'must be "ctun" followed by up to 11 of a-z, 0-9, "_" and "-", like "ctun0"'
+            f'must be "ctun" followed by up to 11 of a-z, 0-9, "_" and "-", '
+            f'like "{default_interface}"'
         )
     iface = _cidr(addr)
     network, vm = iface.network, iface.ip
@@ -462,15 +464,15 @@ def _timers(s: _Settings) -> Timers:
     keepalive_v = s.get("keepalive", d.keepalive)
     dead_v = s.get("dead_after", d.dead_after)
     keepalive = _float(keepalive_v, 0.1, 60)
-    dead_after = _float(dead_v, 0, 600, low_open=True)
-    if dead_after <= keepalive:
-        # Blame the one the user set: raising only keepalive past the default dead_after
-        # is a keepalive problem, not a dead_after one.
-        if keepalive_v.given and not dead_v.given:
-            raise keepalive_v.error(
-                f"must be less than dead_after ({dead_after:g}); raise dead_after too"
-            )
-        raise dead_v.error(f"must be more than keepalive ({keepalive:g}) and at most 600")
+    if keepalive >= d.dead_after and keepalive_v.given and not dead_v.given:
+        # Raising only keepalive past the default dead_after is a keepalive problem: blame
+        # the setting the user actually wrote.
+        raise keepalive_v.error(
+            f"must be less than dead_after ({d.dead_after:g}); raise dead_after too"
+        )
+    dead_after = _float(
+        dead_v, keepalive, 600, low_open=True, low_name=f"keepalive ({keepalive:g})"
+    )
     return Timers(
         keepalive=keepalive,
         dead_after=dead_after,
@@ -629,7 +631,10 @@ def _int(value: _Value, low: int, high: int) -> int:
     return raw
 
 
-def _float(value: _Value, low: float, high: float, *, low_open: bool = False) -> float:
+def _float(
+    value: _Value, low: float, high: float, *, low_open: bool = False, low_name: str = ""
+) -> float:
+    low_name = low_name or f"{low:g}"
     raw = value.raw
     if value.origin == _FLAG and isinstance(raw, str):
         try:
@@ -637,14 +642,14 @@ def _float(value: _Value, low: float, high: float, *, low_open: bool = False) ->
         except ValueError:
             raw = None
     if not isinstance(raw, (int, float)) or isinstance(raw, bool):
-        raise value.error(f"must be a number of seconds between {low:g} and {high:g}")
+        raise value.error(f"must be a number of seconds between {low_name} and {high:g}")
     try:
         number = float(raw)
     except OverflowError:  # an integer past 1e308: out of range like any other
         number = math.inf
     too_low = number <= low if low_open else number < low
     if not math.isfinite(number) or too_low or number > high:
-        bound = f"more than {low:g}" if low_open else f"at least {low:g}"
+        bound = f"more than {low_name}" if low_open else f"at least {low_name}"
         raise value.error(f"must be {bound} and at most {high:g} seconds")
     return number
 

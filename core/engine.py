@@ -26,6 +26,7 @@ from typing import Any
 from . import messages
 from .contracts import Endpoint, Transport, VirtualInterface
 from .protocol import (
+    TRANSPORT_OVERHEAD,
     Drop,
     Dropped,
     FrameType,
@@ -41,7 +42,7 @@ from .protocol import (
     receiver_index,
     verify_init,
 )
-from .session import Peer, Session
+from .session import ControlState, Peer, Session
 
 log = logging.getLogger("ctun.engine")
 
@@ -120,6 +121,8 @@ class Engine:
         self._on_event = on_event
         self.drops_in: Counter[str] = Counter()  # frames no session could be found for
         self.drops_out: Counter[str] = Counter()  # interface packets with nowhere to go
+        # Nothing legitimate is bigger: one packet of at most the MTU, or one control message.
+        self.max_frame = max(mtu, messages.MAX_CONTROL) + TRANSPORT_OVERHEAD
         self.started = time.monotonic()
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -235,6 +238,8 @@ class Engine:
         """Check one frame in the protocol's order; count and forget anything that fails."""
         peer: Peer | None = None
         try:
+            if len(frame) > self.max_frame:
+                raise Dropped(Drop.OVERSIZE)
             ftype = frame_type(frame)
             if ftype is FrameType.INIT:
                 self._on_init(frame, source, now)
@@ -302,7 +307,9 @@ class Engine:
                 peer.current = None
             peer.next_attempt = 0.0
             peer.backoff = 0.0
-        self._set_state(peer, "connecting" if self.role is Role.VM else "down", "peer closed")
+        reason = f"peer closed: {peer.close_reason}" if peer.close_reason else "peer closed"
+        peer.close_reason = ""
+        self._set_state(peer, "connecting" if self.role is Role.VM else "down", reason)
 
     # --- handshakes --------------------------------------------------------------------
 
@@ -379,8 +386,7 @@ class Engine:
         peer.previous = peer.current
         peer.current = session
         peer.handshakes += 1
-        peer.control.unacked.clear()
-        peer.control.highest_seen = 0
+        peer.control = ControlState()
 
     def _forget(self, session: Session) -> None:
         self._sessions.pop(session.local_index, None)
@@ -419,10 +425,11 @@ class Engine:
             return
         # Acknowledge every copy (our ack may have been lost), act on each seq once.
         self._send(peer, session, FrameType.CONTROL, messages.encode("ack", message.seq), now)
-        if message.seq <= peer.control.highest_seen:
+        if not peer.control.first_time(message.seq):
             return
-        peer.control.highest_seen = message.seq
-        if message.kind == "hello":
+        if message.kind == "close_reason":
+            peer.close_reason = message.body["reason"]
+        elif message.kind == "hello":
             peer.remote_name = message.body["name"]
             peer.remote_version = message.body["version"]
             self._events.put((peer.name, "hello", f"{peer.remote_name} {peer.remote_version}"))
@@ -444,7 +451,7 @@ class Engine:
 
     def _send(self, peer: Peer, session: Session, ftype: FrameType, payload: bytes, now: float
               ) -> None:
-        if peer.endpoint is None:
+        if peer.endpoint is None or now - session.created > self.timers.reject_after:
             return
         try:
             frame = session.sealer.seal(ftype, payload)
@@ -458,9 +465,16 @@ class Engine:
         peer.last_keepalive = now
 
     def _send_close(self, peer: Peer, reason: str) -> None:
+        """Best effort and unacknowledged: we are going, there is nobody left to retry."""
         session = peer.current
         if session is not None:
-            self._send(peer, session, FrameType.CLOSE, b"", time.monotonic())
+            now = time.monotonic()
+            with self._lock:
+                seq = peer.control.next_seq
+                peer.control.next_seq += 1
+            self._send(peer, session, FrameType.CONTROL,
+                       messages.encode("close_reason", seq, reason=reason[:200]), now)
+            self._send(peer, session, FrameType.CLOSE, b"", now)
 
     # --- timers ------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ def parse(payload: bytes) -> ControlMessage:
         obj = json.loads(payload)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise Dropped(Drop.CONTROL_INVALID) from None
-    if not isinstance(obj, dict) or obj.get("v") != SCHEMA:
+    if not isinstance(obj, dict) or type(obj.get("v")) is not int or obj["v"] != SCHEMA:
         raise Dropped(Drop.CONTROL_INVALID)
     kind, seq = obj.get("kind"), obj.get("seq")
     if kind not in KINDS or type(seq) is not int or not 0 < seq < 1 << 53:

@@ -226,7 +226,9 @@ def check_init_freshness(
         raise Dropped(Drop.CLOCK_SKEW)
 
 
-def create_response(message: InitMessage, psk: bytes, local_index: int) -> tuple[bytes, SessionKeys]:
+def create_response(
+    message: InitMessage, psk: bytes, local_index: int
+) -> tuple[bytes, SessionKeys]:
     """Answer a verified initiation; the response is smaller than the initiation it answers."""
     ephemeral = X25519PrivateKey.generate()
     shared = _exchange(ephemeral, message.ephemeral)
@@ -296,7 +298,11 @@ class ReplayWindow:
             return False
         if counter > self.highest:
             shift = counter - self.highest
-            self._bits = ((self._bits << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            # A jump past the window forgets everything; shifting by it would allocate it.
+            if shift >= REPLAY_WINDOW:
+                self._bits = 1
+            else:
+                self._bits = ((self._bits << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
             self.highest = counter
             return True
         offset = self.highest - counter
@@ -338,6 +344,8 @@ class Opener:
 
     def open(self, frame: bytes) -> bytes:
         """AEAD first, then replay: an attacker cannot move the window with forged counters."""
+        if len(frame) < MIN_FRAME:
+            raise Dropped(Drop.SHORT)
         header = frame[:HEADER_LEN]
         try:
             payload = self._aead.decrypt(_NONCE_PAD + header[8:], frame[HEADER_LEN:], header)

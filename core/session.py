@@ -48,12 +48,30 @@ class Counters:
         return dict(total)
 
 
+SEEN_WINDOW = 1024  # control messages further out of order than this are not acted on
+
+
 @dataclass
 class ControlState:
+    """Per session: control messages are sequenced, acknowledged and acted on once."""
+
     next_seq: int = 1
     highest_seen: int = 0
+    seen: set[int] = field(default_factory=set)  # within SEEN_WINDOW below highest_seen
     # seq -> (payload, monotonic time last sent, times sent)
     unacked: dict[int, tuple[bytes, float, int]] = field(default_factory=dict)
+
+    def first_time(self, seq: int) -> bool:
+        """True the first time `seq` arrives, even out of order; False for any repeat."""
+        if seq <= self.highest_seen - SEEN_WINDOW or seq in self.seen:
+            return False
+        self.seen.add(seq)
+        if seq > self.highest_seen:
+            self.highest_seen = seq
+            floor = seq - SEEN_WINDOW
+            if len(self.seen) > 2 * SEEN_WINDOW:
+                self.seen = {s for s in self.seen if s > floor}
+        return True
 
 
 @dataclass
@@ -81,6 +99,7 @@ class Peer:
     rtt: float | None = None
     remote_name: str = ""
     remote_version: str = ""
+    close_reason: str = ""
     counters: Counters = field(default_factory=Counters)
     control: ControlState = field(default_factory=ControlState)
     key_id: bytes = b""

@@ -11,11 +11,15 @@ unreachable from it until a tunnel is up: that is the situation ctun exists to f
 Every link is created directly inside the namespaces (never in the root namespace), so a lab
 leaves no trace in the root namespace even if it crashes half-way; interface names still carry
 a short hash of the prefix so two labs are easy to tell apart in `ip` output.
+
+A lab owns its prefix through a lock file: create() treats anything left under the prefix as
+debris of a crash and removes it, which must never happen to a lab another process still uses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -32,7 +36,7 @@ from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit
 
 from . import netns
@@ -50,15 +54,22 @@ MAX_CONTAINERS = 250
 
 # Prefixes are used verbatim in namespace names, file names and regexes: keep them boring.
 _PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-# Labs whose create() ran in this process; the test session's leak guard checks them all.
-_created_prefixes: set[str] = set()
+# The last Lab per prefix whose create() ran in this process, for the test session's leak
+# guard: it can then destroy a forgotten lab through the object that holds its lock.
+_created: dict[str, Lab] = {}
 _created_lock = threading.Lock()
+
+
+def created_labs() -> list[Lab]:
+    """The last Lab created by this process for each prefix (for leak checks)."""
+    with _created_lock:
+        return list(_created.values())
 
 
 def created_prefixes() -> frozenset[str]:
     """Prefixes of every Lab created by this process so far (for leak checks)."""
     with _created_lock:
-        return frozenset(_created_prefixes)
+        return frozenset(_created)
 
 
 def namespace_pattern(prefix: str) -> re.Pattern[str]:
@@ -94,7 +105,7 @@ def wait_until(
         time.sleep(interval)
 
 
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10) -> int:
     """Send `sig`, escalate to SIGKILL if the process outlives `timeout`; return the exit code."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -148,6 +159,8 @@ class Lab:
 
     stop_timeout: float = 5.0
     """How long destroy() lets processes handle SIGTERM before SIGKILL."""
+    lock_timeout: float = 120.0
+    """How long create()/destroy() wait for another live process using the same prefix."""
 
     def __init__(self, prefix: str = "ctunlab", containers: int = 1) -> None:
         if not _PREFIX_RE.fullmatch(prefix):
@@ -170,9 +183,10 @@ class Lab:
         self.workdir = Path(tempfile.gettempdir()) / f"{prefix}.lab.unset"
         self._procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
+        self._lock: IO[bytes] | None = None
 
         tag = hashlib.sha256(prefix.encode()).hexdigest()[:6]
-        # <= 11 characters each, well inside IFNAMSIZ (15).
+        # At most 12 characters (vc250-xxxxxx), inside IFNAMSIZ (15).
         self.host_vm_if = f"hv-{tag}"  # host ns, faces the VM
         self.vm_host_if = f"vh-{tag}"  # vm ns, faces the host
         self.host_atk_if = f"ha-{tag}"  # host ns, faces the attacker
@@ -214,9 +228,10 @@ class Lab:
 
     def create(self) -> None:
         """Remove whatever an earlier lab with this prefix left, then build a fresh one."""
-        self.destroy()
+        self._acquire_lock()
+        self._cleanup()
         with _created_lock:
-            _created_prefixes.add(self.prefix)
+            _created[self.prefix] = self
         try:
             self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}.lab."))
             self.run_dir.mkdir()
@@ -229,8 +244,62 @@ class Lab:
 
     def destroy(self) -> None:
         """Stop every process in the lab, delete its namespaces and its workdir. Idempotent,
-        and works whatever state a crash or a failed create() left (ours or another process's).
+        and works whatever a failed create() or a crashed process left with this prefix.
         """
+        self._acquire_lock()
+        try:
+            self._cleanup()
+        finally:
+            self._release_lock()
+
+    @property
+    def _lock_path(self) -> Path:
+        # Not "<prefix>.lab.*": that pattern is the workdirs, which cleanup deletes wholesale.
+        return Path(tempfile.gettempdir()) / f"{self.prefix}.lablock"
+
+    def _acquire_lock(self) -> None:
+        """Own the prefix. Two pytest sessions on one machine (or a test and the demo) would
+        otherwise tear down each other's namespaces as "stale"; the lock tells a crashed owner
+        (the kernel drops flocks of dead processes) from a live one, which we wait for.
+        """
+        if self._lock is not None:
+            return
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            f = open(self._lock_path, "a+b")  # noqa: SIM115 - held until _release_lock()
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(
+                        f"lab {self.prefix} is in use by another live process "
+                        f"(waited {self.lock_timeout}s for {self._lock_path})"
+                    ) from None
+                time.sleep(0.1)
+                continue
+            try:
+                same = os.stat(self._lock_path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._lock = f
+                return
+            # The owner unlinked the file between our open() and flock(): we hold a lock on
+            # an orphaned inode that nobody else will ever see, so start over.
+            f.close()
+
+    def _release_lock(self) -> None:
+        if self._lock is None:
+            return
+        # Unlink while still holding the lock, so nothing remains behind; a waiter that opened
+        # the old inode notices it in _acquire_lock() and retries on a fresh file.
+        with contextlib.suppress(FileNotFoundError):
+            self._lock_path.unlink()
+        self._lock.close()
+        self._lock = None
+
+    def _cleanup(self) -> None:
         errors: list[str] = []
         namespaces = lab_namespaces(self.prefix)
         pids = {p.pid for p in self._procs if p.poll() is None}
@@ -392,7 +461,7 @@ class Lab:
             return ""
 
     @staticmethod
-    def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+    def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10) -> int:
         return stop(proc, sig, timeout)
 
     wait_until = staticmethod(wait_until)

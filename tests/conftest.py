@@ -12,9 +12,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-
-from ctun.lab import netns
-from ctun.lab.topology import Lab, created_prefixes, lab_namespaces
+from ctun.lab.topology import Lab, created_labs, lab_namespaces
 
 LAB_PREFIX = "ctunlab"
 
@@ -100,13 +98,6 @@ def fresh_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
         the_lab.destroy()
 
 
-def _namespaces() -> set[str]:
-    try:
-        return set(os.listdir(netns.NETNS_DIR))
-    except FileNotFoundError:
-        return set()
-
-
 def _root_ctun_links() -> set[str]:
     # if_nameindex() lists the namespace of the calling thread: the main thread stays in the
     # root namespace (netns.call_in only moves short-lived helper threads).
@@ -115,24 +106,24 @@ def _root_ctun_links() -> set[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_leftovers() -> Iterator[None]:
-    """Fail the session if it leaves a lab namespace or a ctun* link in the root namespace."""
-    namespaces_before = _namespaces()
+    """Fail the session if it leaves a lab namespace or a new ctun* link in the root namespace.
+
+    Only labs this process created are checked and cleaned: another pytest session may be
+    running on the same machine, and its labs are alive, not leaked.
+    """
     links_before = _root_ctun_links()
     yield
-    leaked_ns = {
-        n
-        for n in _namespaces()
-        if (n.startswith(LAB_PREFIX) and n not in namespaces_before)
-        or any(n in lab_namespaces(p) for p in created_prefixes())
-    }
+    leaked_ns: list[str] = []
+    for each in created_labs():
+        namespaces = lab_namespaces(each.prefix)
+        if namespaces:
+            leaked_ns += namespaces
+            each.destroy()  # clean up before failing, so the next run starts clean
+    # Links are reported but not deleted: a daemon of a concurrent session may own one.
     leaked_links = _root_ctun_links() - links_before
-    # Clean up before failing, so one broken run does not break the next ones too.
-    for prefix in created_prefixes():
-        if lab_namespaces(prefix):
-            Lab(prefix).destroy()
-    for name in leaked_ns:
-        netns.delete(name)
-    for link in leaked_links:
-        subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
-    assert not leaked_ns, f"test session left network namespaces behind: {sorted(leaked_ns)}"
-    assert not leaked_links, f"test session left links in the root namespace: {leaked_links}"
+    problems = []
+    if leaked_ns:
+        problems.append(f"network namespaces {sorted(leaked_ns)} (now removed)")
+    if leaked_links:
+        problems.append(f"links in the root namespace {sorted(leaked_links)}")
+    assert not problems, "test session left behind: " + "; ".join(problems)

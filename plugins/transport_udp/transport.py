@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 
@@ -30,10 +31,9 @@ class UdpTransport(Transport):
         self.errors = 0  # transient send/receive errors, for the status view
         sock.setblocking(False)
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
+            # A smaller buffer still works, it just drops bursts sooner.
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-            except OSError:
-                pass  # a smaller buffer still works, just drops bursts sooner
 
     @classmethod
     def listen(cls, bind: Endpoint) -> UdpTransport:
