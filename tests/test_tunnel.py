@@ -17,7 +17,6 @@ from ctun.core.protocol import FrameType
 from ctun.lab import netns
 from ctun.lab.snapshot import net_state
 from ctun.lab.topology import Lab
-
 from tunnel_helpers import (
     HOST_IF,
     VM_IF,
