@@ -14,6 +14,7 @@ from typing import Any
 
 from ..core import control
 from .topology import Lab, wait_until
+from .tunnel import HOST_IF, VM_IF, is_up, status
 
 PREFIX = "ctun-demo"
 START_TIMEOUT = 15.0
@@ -21,20 +22,6 @@ START_TIMEOUT = 15.0
 
 def say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def _status(lab: Lab, interface: str) -> dict[str, Any] | None:
-    try:
-        answer = control.request(lab.run_dir / f"{interface}.sock", "status", timeout=2)
-    except control.ControlError:
-        return None
-    status: dict[str, Any] = answer["status"]
-    return status
-
-
-def _peer_up(lab: Lab, interface: str) -> bool:
-    status = _status(lab, interface)
-    return bool(status and status["peers"][0]["state"] == "up")
 
 
 def _describe(result: tuple[int, str] | str) -> str:
@@ -70,13 +57,14 @@ def _run(lab: Lab, duration: float | None) -> int:
     target = lab.container_ips[0]
     url = f"http://{target}/"
     say(f"\n1. before ctun, from the host: GET {url}")
-    say(f"   -> {_describe(lab.http_get(lab.host_ns, url, timeout=1))}")
+    say(f"   -> {_describe(lab.http_get(lab.host_ns, url, timeout=1))}"
+        "  (as on Docker Desktop: only published ports reach the host)")
 
     say("\n2. starting the ctun daemon on the host and the agent in the VM")
     daemon = lab.start_daemon()
     agent = lab.start_agent()
     try:
-        wait_until(lambda: _peer_up(lab, "ctun0") and _peer_up(lab, "ctunvm0"),
+        wait_until(lambda: is_up(lab, HOST_IF) and is_up(lab, VM_IF),
                    START_TIMEOUT, what="the tunnel to come up")
     except AssertionError as exc:
         say(f"   the tunnel did not come up: {exc}")
@@ -109,10 +97,10 @@ def _show_counters(lab: Lab, duration: float | None) -> None:
     while duration is None or time.monotonic() - started < duration:
         for ip in lab.container_ips:
             lab.http_get(lab.host_ns, f"http://{ip}/", timeout=1)
-        host = _status(lab, "ctun0")
-        agent = _status(lab, "ctunvm0")
-        if host is None or agent is None:
-            say("   the daemon or the agent stopped; see their logs")
+        try:
+            host, agent = status(lab, HOST_IF), status(lab, VM_IF)
+        except control.ControlError as exc:
+            say(f"   the daemon or the agent stopped ({exc}); see their logs")
             return
         peer = host["peers"][0]
         rtt = agent["peers"][0]["rtt_ms"]

@@ -17,7 +17,7 @@ from ctun.core.protocol import FrameType
 from ctun.lab import netns
 from ctun.lab.snapshot import net_state
 from ctun.lab.topology import Lab
-from tunnel_helpers import (
+from ctun.lab.tunnel import (
     HOST_IF,
     VM_IF,
     Tunnel,
@@ -94,7 +94,7 @@ def test_counters_on_both_ends_match_what_was_sent(tunnel: Tunnel) -> None:
     # A TCP exchange: whatever one end sent, the other end received, byte for byte.
     host0, vm0 = counters(lab, HOST_IF, "vm"), counters(lab, VM_IF)
     for _ in range(5):
-        assert lab.http_get(lab.host_ns, f"http://{lab.container_ips[1]}/")[0] == 200  # type: ignore[index]
+        assert lab.http_get(lab.host_ns, f"http://{lab.container_ips[1]}/")[0] == 200
     lab.wait_until(
         lambda: delta(counters(lab, HOST_IF, "vm"), host0)["rx_bytes"]
         == delta(counters(lab, VM_IF), vm0)["tx_bytes"],

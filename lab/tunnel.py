@@ -1,4 +1,4 @@
-"""Helpers for the end-to-end tests: starting a tunnel in a lab and reading its counters."""
+"""A tunnel running in a lab: starting it, and reading its state and counters."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ctun.core import control
-from ctun.lab.topology import Lab
+from ..core import control
+from .topology import Lab
 
 HOST_IF = "ctun0"
 VM_IF = "ctunvm0"
