@@ -97,15 +97,16 @@ def _require_root(what: str) -> None:
 def _run_tunnel(args: argparse.Namespace) -> int:
     from .core import config, logs, plugins, runtime
 
+    if args.command == "up" and not args.no_ui:
+        raise UserError("the terminal UI is not in this build yet: run `ctun up --no-ui`")
+    # Before the config: loading it may create the key file, which only root may do.
+    _require_root(f"ctun {args.command}")
     if args.command == "up":
-        if not args.no_ui:
-            raise UserError("the terminal UI is not in this build yet: run `ctun up --no-ui`")
         cfg: Any = config.load_host_config(args.config, _overrides(args, (*_COMMON, "listen")))
         from .core.daemon import run
     else:
         cfg = config.load_agent_config(args.config, _overrides(args, (*_COMMON, "host")))
         from .vm.agent import run  # type: ignore[assignment]
-    _require_root(f"ctun {args.command}")
     pm = plugins.create_manager()
     plugins.transport(pm, cfg.transport)  # an unknown transport is a user error: say so now
     listener = logs.setup(args.log_level)

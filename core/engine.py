@@ -110,7 +110,10 @@ class Engine:
         self.peers = [
             Peer(p.name, p.psk, Prefixes(p.allowed_sources), Prefixes(p.routes)) for p in peers
         ]
-        if role is Role.VM:
+        if role is Role.HOST:
+            for peer in self.peers:
+                peer.state = "waiting"  # for its first handshake
+        else:
             if remote is None or len(self.peers) != 1:
                 raise ValueError("the VM side talks to exactly one host at a known address")
             self.peers[0].endpoint = remote

@@ -129,6 +129,17 @@ def _ping_df(ns: str, target: str, size: int) -> subprocess.CompletedProcess[str
                           target], check=False)
 
 
+def test_a_second_daemon_is_refused_in_one_line(tunnel: Tunnel) -> None:
+    lab = tunnel.lab
+    second = lab.start_daemon(name="second")
+    assert second.wait(timeout=30) == 2
+    lines = lab.log("second").strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "ctun0 is in use by another running ctun" in lines[0]
+    assert f"pid {tunnel.daemon.pid}" in lines[0]
+    assert reachable(lab)
+
+
 # --- bad input from the network ----------------------------------------------------------
 
 

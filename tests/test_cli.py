@@ -1,0 +1,94 @@
+"""User errors on the command line: one line saying what to fix, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def ctun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ctun", *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> dict[str, str]:
+    return {"CTUN_STATE_DIR": str(tmp_path / "state"), "CTUN_RUN_DIR": str(tmp_path / "run")}
+
+
+def test_version() -> None:
+    result = ctun("version")
+    assert result.returncode == 0 and result.stdout.startswith("ctun 0.")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("up", "--no-ui", "--mtu", "abc"), "--mtu abc"),
+        (("up", "--no-ui", "--mtu", "99999"), "--mtu 99999"),
+        (("up", "--no-ui", "--port", "0"), "--port 0"),
+        (("up", "--no-ui", "--addr", "192.168.251.1"), "--addr"),
+        (("up", "--no-ui", "--route", "172.17.0.1/16"), "172.17.0.0/16"),
+        (("up", "--no-ui", "--route", "192.168.251.0/25"), "--route"),
+        (("up", "--no-ui", "--listen", "not-an-ip"), "--listen"),
+        (("up", "--no-ui", "--interface", "eth0"), "--interface"),
+        (("up", "--no-ui", "--transport", "carrier-pigeon"), "carrier-pigeon"),
+        (("up", "--no-ui", "--config", "/nonexistent/ctun.toml"), "/nonexistent/ctun.toml"),
+        (("vm", "--host", "bad host!"), "--host"),
+        (("vm",), "CTUN_KEY"),
+        (("up",), "--no-ui"),
+        (("up", "--bogus"), "--bogus"),
+        (("frobnicate",), "frobnicate"),
+        (("status", "--interface", "ctun9"), "no ctun is running"),
+    ],
+)
+def test_user_errors_are_one_line(args: tuple[str, ...], expected: str,
+                                  state: dict[str, str]) -> None:
+    result = ctun(*args, env=state)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+
+
+def test_bad_config_file_names_file_and_key(tmp_path: Path, state: dict[str, str]) -> None:
+    config = tmp_path / "ctun.toml"
+    config.write_text('mtu = 1400\nroutes = ["10.0.0.0/8", "nonsense"]\n')
+    result = ctun("up", "--no-ui", "--config", str(config), env=state)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert str(config) in result.stderr and "routes[1]" in result.stderr
+
+
+def test_not_root_is_told_to_use_sudo(tmp_path: Path) -> None:
+    # As root, drop to `nobody` for this one command; its state dir must be its own.
+    tmp_path.chmod(0o777)
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
+        if os.geteuid() == 0 else []
+    env = {**os.environ, "CTUN_STATE_DIR": str(tmp_path / "state"),
+           "CTUN_RUN_DIR": str(tmp_path / "run")}
+    result = subprocess.run([*drop, sys.executable, "-m", "ctun", "up", "--no-ui"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == \
+        "ctun up: error: ctun up needs root (it creates a network interface): run it with sudo"
+
+
+def test_status_formats_a_snapshot() -> None:
+    from ctun.cli import format_status
+
+    text = format_status({
+        "role": "host", "version": "0.1.0", "interface": "ctun0", "transport": "udp",
+        "local_endpoint": ["127.0.0.1", 2511], "uptime": 12.0, "drops": {"short": 2},
+        "routes": ["172.18.0.0/16"],
+        "peers": [{"name": "vm", "state": "up", "endpoint": ["127.0.0.1", 40000],
+                   "handshake_age": 3.0, "rtt_ms": 0.25, "rx_packets": 1, "rx_bytes": 84,
+                   "tx_packets": 2, "tx_bytes": 168, "drops": {"replay": 1}}],
+    })
+    assert "vm       up" in text and "0.25" in text and "replay 1" in text
+    assert "unauthenticated drops: short 2" in text and "172.18.0.0/16" in text
