@@ -54,6 +54,21 @@ CONTROL_RETRY = 1.0
 CONTROL_TRIES = 10
 PREVIOUS_SESSION_GRACE = 10.0  # in-flight frames under the old keys are still accepted
 INITS_PER_SECOND = 20  # per peer: caps the key exchanges a replaying or buggy peer can cost
+DROP_REPORT_EVERY = 10.0  # seconds between log summaries of drops (never one line per packet)
+UNANSWERED_WARNING = 3  # handshakes without an answer before the VM side says what to check
+
+# What a user should check when a drop reason shows up in the log.
+DROP_HINTS = {
+    Drop.UNKNOWN_PEER: "a handshake with a key we do not know: does the agent use this "
+                       "host's vm.key?",
+    Drop.BAD_MAC: "a handshake with a damaged or forged key proof",
+    Drop.CLOCK_SKEW: "the peer's clock is far from ours: sync the VM's clock",
+    Drop.STALE_HANDSHAKE: "a replayed or out-of-order handshake",
+    Drop.SOURCE_NOT_ALLOWED: "a peer sent from an address it does not own (check routes and "
+                             "[peers.*] allowed)",
+    Drop.NO_SESSION: "packets for a peer that is not connected",
+    Drop.NO_PEER: "packets for an address no peer owns",
+}
 
 
 class Role(enum.StrEnum):
@@ -127,6 +142,8 @@ class Engine:
         # Nothing legitimate is bigger: one packet of at most the MTU, or one control message.
         self.max_frame = max(mtu, messages.MAX_CONTROL) + TRANSPORT_OVERHEAD
         self.started = time.monotonic()
+        self._reported_drops: Counter[str] = Counter()
+        self._next_drop_report = self.started + DROP_REPORT_EVERY
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._threads: list[threading.Thread] = []
@@ -365,6 +382,7 @@ class Engine:
             self._sessions[session.local_index] = (session, peer)
             self._install(peer, session, now)
             peer.backoff = 0.0
+            peer.unanswered = 0
         peer.last_received = now
         # The first frame under the new keys confirms them to the host; send it at once.
         self._send_keepalive(peer, session, now)
@@ -408,6 +426,14 @@ class Engine:
             peer.backoff = min(MAX_BACKOFF, max(HANDSHAKE_TIMEOUT, peer.backoff * 2))
             peer.next_attempt = now + peer.backoff * (0.8 + 0.4 * secrets.randbelow(1000) / 1000)
             message = peer.pending_init.message
+            peer.unanswered += 1
+        if peer.unanswered == UNANSWERED_WARNING and peer.endpoint is not None:
+            host, port = peer.endpoint
+            log.warning(
+                "no answer from %s:%d to %d handshakes: is `ctun up` running there and "
+                "listening on that address, does this agent use the host's vm.key, and are "
+                "both clocks right?", host, port, peer.unanswered,
+            )
         if peer.endpoint is not None:
             self.transport.send(message, peer.endpoint)
 
@@ -491,6 +517,9 @@ class Engine:
                     self._tick_responder(peer, now)
                 self._flush_control(peer, now)
                 self._retire_previous(peer, now)
+            if now >= self._next_drop_report:
+                self._next_drop_report = now + DROP_REPORT_EVERY
+                self._report_drops()
             self._drain_events()
 
     def _tick_initiator(self, peer: Peer, now: float) -> None:
@@ -532,6 +561,24 @@ class Engine:
             with self._lock:
                 self._forget(previous)
                 peer.previous = None
+
+    def _report_drops(self) -> None:
+        """One log line per interval with what was dropped since the last one, and why."""
+        total = self.total_drops()
+        fresh = total - self._reported_drops
+        self._reported_drops = total
+        for reason, count in sorted(fresh.items()):
+            hint = DROP_HINTS.get(Drop(reason))
+            log.warning("dropped %d frames/packets (%s) in the last %g s%s", count, reason,
+                        DROP_REPORT_EVERY, f": {hint}" if hint else "")
+
+    def total_drops(self) -> Counter[str]:
+        total = Counter(self.drops_in)
+        total.update(self.drops_out)
+        for peer in self.peers:
+            total.update(peer.counters.drops_in)
+            total.update(peer.counters.drops_out)
+        return total
 
     def _set_state(self, peer: Peer, state: str, reason: str) -> None:
         if peer.state == state:

@@ -94,6 +94,7 @@ class Peer:
     last_sent: float = 0.0
     last_keepalive: float = 0.0
     handshakes: int = 0
+    unanswered: int = 0  # initiator: handshakes sent since the last answer
     state: str = "connecting"
     state_reason: str = ""
     rtt: float | None = None
