@@ -11,14 +11,11 @@ import pluggy
 
 from .. import __version__
 from . import plugins, runtime
-from .config import HostConfig
-from .contracts import PlatformAdapter, PlatformError, Transport
+from .config import VM_PEER, HostConfig
+from .contracts import PlatformAdapter, PlatformError
 from .engine import Engine, EngineTimers, PeerSpec, Role
 
 log = logging.getLogger("ctun.daemon")
-
-VM_PEER = "vm"
-
 
 def peer_specs(cfg: HostConfig) -> list[PeerSpec]:
     """The VM agent may send from the tunnel network and the routed subnets; others from theirs."""
@@ -50,12 +47,8 @@ def apply_routes(adapter: PlatformAdapter, routes: tuple[IPv4Network, ...]) -> l
 
 
 def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> None:
-    adapter = plugins.platform_adapter(pm)
     transport_cls = plugins.transport(pm, cfg.transport)
-    for line in adapter.cleanup_leftovers(cfg.tunnel.interface):
-        log.warning("cleaned up after a previous run: %s", line)
-    transport: Transport | None = None
-    try:
+    with runtime.platform(pm, cfg.tunnel.interface) as (adapter, resources):
         conflict = adapter.conflicting_route(cfg.tunnel.network)
         if conflict is not None:
             raise PlatformError(
@@ -70,6 +63,7 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
                 f"cannot listen on {cfg.transport} {where}: {exc.strerror or exc}; "
                 "is another ctun running? change `listen`/`port`"
             ) from None
+        resources.callback(transport.close)
         interface = adapter.open_interface(cfg.tunnel.interface, cfg.tunnel.mtu)
         adapter.set_address(cfg.tunnel.host_address, cfg.tunnel.vm_address)
         adapter.add_route(cfg.tunnel.network)
@@ -97,8 +91,3 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
             }
 
         runtime.serve(engine, adapter, stop, extra)
-    finally:
-        if transport is not None:
-            transport.close()
-        adapter.close()
-        log.info("stopped; interface %s and its routes removed", cfg.tunnel.interface)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pluggy
 
-from . import control
+from . import control, plugins
 from .contracts import PlatformAdapter
 from .engine import Engine
 
@@ -35,6 +35,22 @@ def stop_on_signals() -> Iterator[threading.Event]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def platform(
+    pm: pluggy.PluginManager, interface: str
+) -> Iterator[tuple[PlatformAdapter, contextlib.ExitStack]]:
+    """The platform adapter, after cleaning what a crashed run left, and a stack of what to
+    close on the way out (the adapter itself last: it takes the interface and routes along).
+    """
+    adapter = plugins.platform_adapter(pm)
+    for line in adapter.cleanup_leftovers(interface):
+        log.warning("cleaned up after a previous run: %s", line)
+    with contextlib.ExitStack() as resources:
+        resources.callback(log.info, "stopped; interface %s and its routes removed", interface)
+        resources.callback(adapter.close)
+        yield adapter, resources
 
 
 def event_sink(pm: pluggy.PluginManager) -> Callable[[str, str, str], None]:

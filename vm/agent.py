@@ -13,7 +13,6 @@ import pluggy
 from .. import __version__
 from ..core import plugins, runtime
 from ..core.config import AgentConfig
-from ..core.contracts import Transport
 from ..core.daemon import engine_timers
 from ..core.engine import Engine, PeerSpec, Role
 
@@ -37,12 +36,8 @@ def resolve(host: str, port: int, stop: threading.Event) -> str | None:
 
 
 def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> None:
-    adapter = plugins.platform_adapter(pm)
     transport_cls = plugins.transport(pm, cfg.transport)
-    for line in adapter.cleanup_leftovers(cfg.tunnel.interface):
-        log.warning("cleaned up after a previous run: %s", line)
-    transport: Transport | None = None
-    try:
+    with runtime.platform(pm, cfg.tunnel.interface) as (adapter, resources):
         address = resolve(cfg.host, cfg.port, stop)
         if address is None:
             return
@@ -51,6 +46,7 @@ def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> No
         adapter.add_route(cfg.tunnel.network, via=cfg.tunnel.host_address)
         adapter.enable_forwarding()
         transport = transport_cls.connect((address, cfg.port))
+        resources.callback(transport.close)
         # From the host we accept only tunnel-network sources: the host and its accessors.
         host = PeerSpec(HOST_PEER, cfg.key, (cfg.tunnel.network,), (IPv4Network("0.0.0.0/0"),))
         engine = Engine(
@@ -65,8 +61,3 @@ def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> No
             return {"remote": [cfg.host, cfg.port], "routes": [str(r) for r in adapter.routes()]}
 
         runtime.serve(engine, adapter, stop, extra)
-    finally:
-        if transport is not None:
-            transport.close()
-        adapter.close()
-        log.info("stopped; interface %s removed", cfg.tunnel.interface)
