@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+from collections.abc import Callable
 
 from ...core.contracts import Endpoint, Transport
 
@@ -37,24 +38,12 @@ class UdpTransport(Transport):
 
     @classmethod
     def listen(cls, bind: Endpoint) -> UdpTransport:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.bind(bind)
-        except OSError:
-            sock.close()
-            raise
-        return cls(sock, connected=False)
+        return cls(_socket(socket.socket.bind, bind), connected=False)
 
     @classmethod
     def connect(cls, remote: Endpoint) -> UdpTransport:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            # connect() filters out datagrams from anyone but the host, in the kernel.
-            sock.connect(remote)
-        except OSError:
-            sock.close()
-            raise
-        return cls(sock, connected=True)
+        # connect() filters out datagrams from anyone but the host, in the kernel.
+        return cls(_socket(socket.socket.connect, remote), connected=True)
 
     @property
     def local_endpoint(self) -> Endpoint:
@@ -94,3 +83,15 @@ class UdpTransport(Transport):
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _socket(action: Callable[[socket.socket, Endpoint], None], endpoint: Endpoint
+            ) -> socket.socket:
+    """A UDP socket bound or connected to `endpoint`; closed again if that fails."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        action(sock, endpoint)
+    except OSError:
+        sock.close()
+        raise
+    return sock
