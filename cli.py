@@ -52,7 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--listen", metavar="IP", help="address to listen on (default 127.0.0.1)")
     up.add_argument("--route", action="append", metavar="CIDR",
                     help="route this subnet into the tunnel (repeatable)")
+    up.add_argument("--no-docker", dest="docker_enabled", action="store_const", const=False,
+                    help="do not follow the Docker engine's networks")
+    up.add_argument("--no-agent", dest="docker_agent", action="store_const", const=False,
+                    help="do not run the agent container (run `ctun vm` yourself)")
+    up.add_argument("--agent-host", metavar="HOST",
+                    help="how the agent reaches this host (default host.docker.internal)")
+    up.add_argument("--agent-base", metavar="IMAGE",
+                    help="base image for the agent (default python:3.11-slim-bookworm)")
     _tunnel_flags(up, "ctun0")
+
+    down = sub.add_parser("down", help="stop the daemon; it removes the agent container")
+    down.add_argument("--interface", default="ctun0", metavar="NAME",
+                      help="which instance to stop (default ctun0)")
 
     vm = sub.add_parser("vm", help="run the agent inside the Docker VM")
     vm.add_argument("--host", metavar="HOST", help="the host to connect to "
@@ -84,6 +96,7 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]
     return found
 
 
+_DOCKER_FLAGS = ("docker_enabled", "docker_agent", "agent_host", "agent_base")
 _COMMON = ("addr", "port", "mtu", "interface", "transport", "key_file", "keepalive",
            "dead_after", "rekey_after")
 
@@ -102,7 +115,8 @@ def _run_tunnel(args: argparse.Namespace) -> int:
     # Before the config: loading it may create the key file, which only root may do.
     _require_root(f"ctun {args.command}")
     if args.command == "up":
-        cfg: Any = config.load_host_config(args.config, _overrides(args, (*_COMMON, "listen")))
+        cfg: Any = config.load_host_config(
+            args.config, _overrides(args, (*_COMMON, "listen", *_DOCKER_FLAGS)))
         from .core.daemon import run
     else:
         cfg = config.load_agent_config(args.config, _overrides(args, (*_COMMON, "host")))
@@ -159,6 +173,41 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _down(args: argparse.Namespace) -> int:
+    from .core import control
+
+    path = control.socket_path(args.interface)
+    try:
+        control.request(path, "shutdown")
+    except control.ControlError:
+        return _remove_leftover_agents(args.interface)
+    # The daemon removes its routes and the agent container on its way out; wait for that.
+    import time
+
+    deadline = time.monotonic() + 30
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling for the daemon's exit; there is nothing to wait on instead
+    if path.exists():
+        raise UserError(f"the daemon did not stop within 30 s; see its log ({path} remains)")
+    print("ctun stopped")
+    return 0
+
+
+def _remove_leftover_agents(interface: str) -> int:
+    """No daemon answers: remove what a crashed one may have left in Docker."""
+    from .core.agent_container import remove_agents
+    from .core.docker_watch import connect
+
+    try:
+        client = connect(None)
+        removed = remove_agents(client, interface)
+    except Exception as exc:  # no engine either: nothing of ours can be running there
+        print(f"ctun is not running; Docker not reachable ({exc})")
+        return 0
+    print("ctun is not running" + (f"; removed {', '.join(removed)}" if removed else ""))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     _require_root("ctun demo")
     from .lab.demo import run_demo
@@ -176,6 +225,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": _run_tunnel,
     "vm": _run_tunnel,
     "status": _status,
+    "down": _down,
     "demo": _demo,
 }
 

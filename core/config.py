@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .contracts import Endpoint
+from .docker_policy import DEFAULT_AGENT_BASE, DockerConfig, Selector
 from .keys import ConfigError, decode_key, encode_key, load_or_create_key, read_key
 
 __all__ = [
@@ -86,7 +87,9 @@ _COMMON_KEYS = frozenset(
         "handshake_skew",
     }
 )
-_HOST_KEYS = _COMMON_KEYS | {"listen", "routes", "peers"}
+_HOST_KEYS = _COMMON_KEYS | {"listen", "routes", "peers", "docker"}
+# Flags that set a key inside a table ([docker]) rather than a top-level key.
+_HOST_FLAG_ONLY = frozenset({"docker_enabled", "docker_agent", "agent_host", "agent_base"})
 _AGENT_KEYS = _COMMON_KEYS | {"host"}
 _PEER_KEYS = frozenset({"key", "key_file", "allowed"})
 
@@ -151,6 +154,7 @@ class HostConfig:
     peers: tuple[PeerConfig, ...]  # the VM agent's peer, "vm", first, then the [peers.*]
     timers: Timers
     source: str | None  # the config file it came from, if any
+    docker: DockerConfig = field(default_factory=DockerConfig)
 
 
 @dataclass(frozen=True)
@@ -223,8 +227,11 @@ class _Settings:
                 raise ConfigError(f"{source}: {_misplaced(key, known, other, role)}")
         # The CLI may hand over every flag with None for "not given"; that means absent.
         self.overrides = {k: v for k, v in overrides.items() if v is not None}
+        flag_only = _HOST_FLAG_ONLY if role == "host" else frozenset()
         for key in self.overrides:
-            if key not in known or key == "peers":
+            if key in flag_only:
+                continue
+            if key not in known or key in ("peers", "docker"):
                 flag = _flag_name(key) if isinstance(key, str) else repr(key)
                 if isinstance(key, str) and key in other:
                     raise ConfigError(f"{flag}: {_wrong_role(role)}")
@@ -274,6 +281,7 @@ def load_host_config(path: str | None, overrides: Mapping[str, object]) -> HostC
     timers = _timers(s)
     vm_key_file = _path(s.get("key_file", str(default_state_dir() / "vm.key")))
     extra = _peer_specs(s.get("peers", {}), file_mode)
+    docker = docker_config(s.get("docker", {}), s.overrides)
 
     # The file system comes last, so that a config with a typo creates no key file.
     peers = [PeerConfig(VM_PEER, load_or_create_key(vm_key_file), ())]
@@ -298,6 +306,7 @@ def load_host_config(path: str | None, overrides: Mapping[str, object]) -> HostC
         peers=tuple(peers),
         timers=timers,
         source=source,
+        docker=docker,
     )
 
 
@@ -603,6 +612,65 @@ def _peer_specs(value: _Value, file_mode: int) -> list[_PeerSpec]:
             path = _path(replace(value, raw=table["key_file"], label=f"{label}.key_file"))
             specs.append(_PeerSpec(name, None, path, tuple(allowed), str(path)))
     return specs
+
+
+# --- [docker] ------------------------------------------------------------------------------
+
+_DOCKER_KEYS = frozenset(
+    {"enabled", "url", "include", "exclude", "internal", "agent", "agent_host", "agent_base"}
+)
+# flag override key -> key in the [docker] table
+_DOCKER_FLAGS = {"docker_enabled": "enabled", "docker_agent": "agent",
+                 "agent_host": "agent_host", "agent_base": "agent_base"}
+
+
+def docker_config(value: _Value, overrides: Mapping[str, object]) -> DockerConfig:
+    """The [docker] table: which networks to follow and how to run the agent."""
+    table = value.raw
+    if not isinstance(table, dict):
+        raise value.error("must be a table: [docker]")
+    for key in table:
+        if key not in _DOCKER_KEYS:
+            known = ", ".join(sorted(_DOCKER_KEYS))
+            raise ConfigError(f"{value.file}: [docker]: unknown key {key!r} (known: {known})")
+
+    def get(key: str, default: object) -> _Value:
+        for flag, target in _DOCKER_FLAGS.items():
+            if target == key and flag in overrides:
+                return _Value(overrides[flag], _FLAG, f"docker.{key}", flag=_flag_name(flag))
+        if key in table:
+            return replace(value, raw=table[key], label=f"docker.{key}")
+        return _Value(default, _DEFAULT, f"docker.{key}")
+
+    url = get("url", None)
+    return DockerConfig(
+        enabled=_bool(get("enabled", True)),
+        url=None if url.raw is None else _str(url, '"unix:///var/run/docker.sock"'),
+        include=_selectors(get("include", [])),
+        exclude=_selectors(get("exclude", [])),
+        internal=_bool(get("internal", False)),
+        agent=_bool(get("agent", True)),
+        agent_host=_host(get("agent_host", DEFAULT_AGENT_HOST)),
+        agent_base=_str(get("agent_base", DEFAULT_AGENT_BASE), '"python:3.11-slim-bookworm"'),
+    )
+
+
+def _bool(value: _Value) -> bool:
+    if not isinstance(value.raw, bool):
+        raise value.error("must be true or false")
+    return value.raw
+
+
+def _selectors(value: _Value) -> tuple[Selector, ...]:
+    example = '["name:kafka-*", "label:com.example.tunnel=yes", "subnet:172.20.0.0/16"]'
+    found = []
+    for i, raw in enumerate(_list(value, example)):
+        item = value.item(i, raw)
+        try:
+            found.append(Selector.parse(_str(item, example)))
+        except ValueError as exc:
+            raise item.error(str(exc)) from None
+    return tuple(found)
 
 
 # --- raw value checks ----------------------------------------------------------------------

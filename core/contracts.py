@@ -99,6 +99,11 @@ class PlatformAdapter(ABC):
         """Describe an existing route on another interface that overlaps `network`, if any."""
         return None
 
+    def interface_for(self, network: IPv4Network) -> str | None:
+        """The other interface this machine reaches `network` through (on the VM side: the
+        Docker bridge of a routed subnet), or None."""
+        return None
+
 
 class Transport(ABC):
     """Moves whole sealed frames between two endpoints; knows nothing of what is inside.

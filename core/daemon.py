@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from ipaddress import IPv4Network
 from typing import Any
 
 import pluggy
 
 from .. import __version__
 from . import plugins, runtime
+from .agent_container import AgentContainer
 from .config import VM_PEER, HostConfig
-from .contracts import PlatformAdapter, PlatformError
-from .engine import Engine, EngineTimers, PeerSpec, Role
+from .contracts import PlatformError
+from .docker_watch import DockerWatcher, connect
+from .engine import Engine, PeerSpec, Role
+from .routing import HostRoutes
 
 log = logging.getLogger("ctun.daemon")
 
@@ -27,23 +30,6 @@ def peer_specs(cfg: HostConfig) -> list[PeerSpec]:
         else:
             specs.append(PeerSpec(peer.name, peer.key, peer.allowed, peer.allowed))
     return specs
-
-
-def engine_timers(cfg: Any) -> EngineTimers:
-    t = cfg.timers
-    return EngineTimers(t.keepalive, t.dead_after, t.rekey_after, t.handshake_skew)
-
-
-def apply_routes(adapter: PlatformAdapter, routes: tuple[IPv4Network, ...]) -> list[str]:
-    """Route each subnet into the tunnel unless the host already reaches it another way."""
-    problems = []
-    for route in routes:
-        conflict = adapter.conflicting_route(route)
-        if conflict is not None:
-            problems.append(f"{route} is not routed: it overlaps the host route {conflict}")
-            continue
-        adapter.add_route(route)
-    return problems
 
 
 def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> None:
@@ -67,14 +53,20 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
         interface = adapter.open_interface(cfg.tunnel.interface, cfg.tunnel.mtu)
         adapter.set_address(cfg.tunnel.host_address, cfg.tunnel.vm_address)
         adapter.add_route(cfg.tunnel.network)
-        problems = apply_routes(adapter, cfg.routes)
-        for problem in problems:
-            log.warning("%s", problem)
+        plugin_sink = runtime.event_sink(pm)
+
+        def on_event(peer: str, state: str, reason: str) -> None:
+            if peer == VM_PEER and state == "up":
+                routes.push()  # a new agent knows nothing yet
+            plugin_sink(peer, state, reason)
+
         engine = Engine(
             Role.HOST, interface, transport, peer_specs(cfg), cfg.tunnel.mtu,
-            engine_timers(cfg), name="host", version=__version__,
-            on_event=runtime.event_sink(pm),
+            runtime.engine_timers(cfg), name="host", version=__version__, on_event=on_event,
         )
+        routes = HostRoutes(adapter, engine, cfg)
+        routes.start()
+        agent = _follow_docker(cfg, routes, resources)
         log.info(
             "listening on %s %s:%d, interface %s %s -> %s, routes: %s",
             cfg.transport, *transport.local_endpoint, interface.name,
@@ -86,8 +78,39 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
             return {
                 "routes": [str(r) for r in adapter.routes()],
                 "configured_routes": [str(r) for r in cfg.routes],
-                "route_problems": problems,
                 "config": cfg.source,
+                "agent": agent.state if agent else "not managed",
+                **routes.status(),
             }
 
         runtime.serve(engine, adapter, stop, extra)
+
+
+def _follow_docker(
+    cfg: HostConfig, routes: HostRoutes, resources: contextlib.ExitStack
+) -> AgentContainer | None:
+    """Watch the engine's networks and, unless told not to, run the agent container there."""
+    if not cfg.docker.enabled:
+        return None
+    agent = None
+    if cfg.docker.agent:
+        vm_key = next(p.key for p in cfg.peers if p.name == VM_PEER)
+        agent = AgentContainer(cfg, vm_key)
+        # Runs last: the agent removes its interface and firewall rules as it stops.
+        resources.callback(_remove_agent, cfg, agent)
+    watcher = DockerWatcher(cfg.docker.url, routes.docker_changed,
+                            on_connect=agent.ensure if agent else None)
+    watcher.start()
+    resources.callback(watcher.stop)
+    return agent
+
+
+def _remove_agent(cfg: HostConfig, agent: AgentContainer) -> None:
+    try:
+        client = connect(cfg.docker.url)
+        try:
+            agent.remove(client)
+        finally:
+            client.close()
+    except Exception as exc:  # docker gone: `ctun down` or the next start removes it
+        log.warning("could not remove the agent container: %s", exc)

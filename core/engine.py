@@ -42,7 +42,7 @@ from .protocol import (
     receiver_index,
     verify_init,
 )
-from .session import ControlState, Peer, Session
+from .session import Peer, Session
 
 log = logging.getLogger("ctun.engine")
 
@@ -99,6 +99,9 @@ class EngineTimers:
 
 Event = tuple[str, str, str]  # (peer, state, reason)
 EventSink = Callable[[str, str, str], None]
+# Application control messages (kinds the engine does not handle itself), per peer name.
+# Called on the network thread: stash the message and return, never do slow work here.
+ControlSink = Callable[[str, messages.ControlMessage], None]
 
 
 class Engine:
@@ -114,6 +117,7 @@ class Engine:
         version: str,
         remote: Endpoint | None = None,
         on_event: EventSink | None = None,
+        on_control: ControlSink | None = None,
     ) -> None:
         self.role = role
         self.interface = interface
@@ -137,6 +141,9 @@ class Engine:
         self._lock = threading.Lock()  # handshake and session bookkeeping, never per packet
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._on_event = on_event
+        self._on_control_message = on_control
+        # Tells the peer that our control sequence numbers start over (we restarted).
+        self.epoch = secrets.randbelow(messages.MAX_EPOCH - 1) + 1
         self.drops_in: Counter[str] = Counter()  # frames no session could be found for
         self.drops_out: Counter[str] = Counter()  # interface packets with nowhere to go
         # Nothing legitimate is bigger: one packet of at most the MTU, or one control message.
@@ -407,7 +414,8 @@ class Engine:
         peer.previous = peer.current
         peer.current = session
         peer.handshakes += 1
-        peer.control = ControlState()
+        # Control state outlives rekeys: unacknowledged messages go out again under the new
+        # keys. A restarted peer is recognised by its epoch, not by its new session.
 
     def _forget(self, session: Session) -> None:
         self._sessions.pop(session.local_index, None)
@@ -439,11 +447,29 @@ class Engine:
 
     # --- control channel ---------------------------------------------------------------
 
+    def send_control(self, peer_name: str, kind: str, **body: Any) -> None:
+        """Queue a control message; it is retransmitted until acknowledged (thread-safe)."""
+        self._queue_control(self._peer(peer_name), kind, **body)
+
+    def set_peer_networks(self, peer_name: str, allowed_sources: Iterable[IPv4Network],
+                          routes: Iterable[IPv4Network]) -> None:
+        """Change what a peer may send from and what is sent to it, without a restart."""
+        peer = self._peer(peer_name)
+        # Each is one attribute store: the pumps see the old set or the new one, never a mix.
+        peer.allowed_sources = Prefixes(allowed_sources)
+        peer.routes = Prefixes(routes)
+
+    def _peer(self, name: str) -> Peer:
+        for peer in self.peers:
+            if peer.name == name:
+                return peer
+        raise KeyError(f"no peer named {name!r}")
+
     def _queue_control(self, peer: Peer, kind: str, **body: Any) -> None:
         with self._lock:
             seq = peer.control.next_seq
             peer.control.next_seq += 1
-            payload = messages.encode(kind, seq, **body)
+            payload = messages.encode(kind, seq, epoch=self.epoch, **body)
             peer.control.unacked[seq] = (payload, 0.0, 0)
 
     def _on_control(
@@ -453,8 +479,9 @@ class Engine:
             peer.control.unacked.pop(message.seq, None)
             return
         # Acknowledge every copy (our ack may have been lost), act on each seq once.
-        self._send(peer, session, FrameType.CONTROL, messages.encode("ack", message.seq), now)
-        if not peer.control.first_time(message.seq):
+        self._send(peer, session, FrameType.CONTROL,
+                   messages.encode("ack", message.seq, epoch=self.epoch), now)
+        if not peer.control.first_time(message.epoch, message.seq):
             return
         if message.kind == "close_reason":
             peer.close_reason = message.body["reason"]
@@ -462,6 +489,8 @@ class Engine:
             peer.remote_name = message.body["name"]
             peer.remote_version = message.body["version"]
             self._events.put((peer.name, "hello", f"{peer.remote_name} {peer.remote_version}"))
+        elif self._on_control_message is not None:
+            self._on_control_message(peer.name, message)
 
     def _flush_control(self, peer: Peer, now: float) -> None:
         session = peer.current
@@ -502,7 +531,8 @@ class Engine:
                 seq = peer.control.next_seq
                 peer.control.next_seq += 1
             self._send(peer, session, FrameType.CONTROL,
-                       messages.encode("close_reason", seq, reason=reason[:200]), now)
+                       messages.encode("close_reason", seq, epoch=self.epoch,
+                                       reason=reason[:200]), now)
             self._send(peer, session, FrameType.CLOSE, b"", now)
 
     # --- timers ------------------------------------------------------------------------

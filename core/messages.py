@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from ipaddress import IPv4Network
 from typing import Any
 
 from .protocol import Drop, Dropped
@@ -15,7 +16,10 @@ from .protocol import Drop, Dropped
 SCHEMA = 1
 MAX_CONTROL = 1200  # fits one frame at the smallest MTU we allow, with room to spare
 
-KINDS = ("hello", "ack", "close_reason")
+KINDS = ("hello", "ack", "close_reason", "routes")
+ROUTES_PER_PART = 40  # 40 CIDRs of up to 18 characters stay well inside MAX_CONTROL
+MAX_PARTS = 64
+MAX_EPOCH = 1 << 53  # JSON numbers are exact up to here
 
 
 @dataclass(frozen=True)
@@ -23,10 +27,14 @@ class ControlMessage:
     kind: str
     seq: int
     body: dict[str, Any]
+    epoch: int = 0  # the sender's run: a new epoch means its sequence numbers start over
 
 
-def encode(kind: str, seq: int, **body: Any) -> bytes:
-    payload = json.dumps({"v": SCHEMA, "kind": kind, "seq": seq, **body}, separators=(",", ":"))
+def encode(kind: str, seq: int, *, epoch: int = 0, **body: Any) -> bytes:
+    header = {"v": SCHEMA, "kind": kind, "seq": seq}
+    if epoch:
+        header["epoch"] = epoch
+    payload = json.dumps({**header, **body}, separators=(",", ":"))
     data = payload.encode()
     if len(data) > MAX_CONTROL:
         raise ValueError(f"control message {kind!r} is {len(data)} bytes, over {MAX_CONTROL}")
@@ -46,7 +54,37 @@ def _valid_body(kind: str, body: dict[str, Any]) -> bool:
         )
     if kind == "close_reason":
         return _short_str(body.get("reason"), 200)
+    if kind == "routes":
+        return _valid_routes(body)
     return kind == "ack"
+
+
+def _valid_routes(body: dict[str, Any]) -> bool:
+    """A full-state snapshot `gen`, split into `parts`; each part lists IPv4 networks."""
+    gen, part, parts = body.get("gen"), body.get("part"), body.get("parts")
+    routes = body.get("routes")
+    if type(gen) is not int or type(part) is not int or type(parts) is not int:
+        return False
+    if not isinstance(routes, list):
+        return False
+    if not (0 < gen < MAX_EPOCH and 0 < parts <= MAX_PARTS and 0 <= part < parts):
+        return False
+    if len(routes) > ROUTES_PER_PART:
+        return False
+    for route in routes:
+        if not isinstance(route, str) or len(route) > 18:
+            return False
+        try:
+            IPv4Network(route)
+        except ValueError:
+            return False
+    return True
+
+
+def route_parts(routes: list[str]) -> list[list[str]]:
+    """Split a route list into parts for `routes` messages (at least one, maybe empty)."""
+    chunks = [routes[i:i + ROUTES_PER_PART] for i in range(0, len(routes), ROUTES_PER_PART)]
+    return chunks or [[]]
 
 
 def parse(payload: bytes) -> ControlMessage:
@@ -58,10 +96,12 @@ def parse(payload: bytes) -> ControlMessage:
         raise Dropped(Drop.CONTROL_INVALID) from None
     if not isinstance(obj, dict) or type(obj.get("v")) is not int or obj["v"] != SCHEMA:
         raise Dropped(Drop.CONTROL_INVALID)
-    kind, seq = obj.get("kind"), obj.get("seq")
-    if kind not in KINDS or type(seq) is not int or not 0 < seq < 1 << 53:
+    kind, seq, epoch = obj.get("kind"), obj.get("seq"), obj.get("epoch", 0)
+    if kind not in KINDS or type(seq) is not int or not 0 < seq < MAX_EPOCH:
         raise Dropped(Drop.CONTROL_INVALID)
-    body = {k: v for k, v in obj.items() if k not in ("v", "kind", "seq")}
+    if type(epoch) is not int or not 0 <= epoch < MAX_EPOCH:
+        raise Dropped(Drop.CONTROL_INVALID)
+    body = {k: v for k, v in obj.items() if k not in ("v", "kind", "seq", "epoch")}
     if not _valid_body(kind, body):
         raise Dropped(Drop.CONTROL_INVALID)
-    return ControlMessage(kind, seq, body)
+    return ControlMessage(kind, seq, body, epoch)

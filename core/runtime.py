@@ -14,7 +14,7 @@ import pluggy
 
 from . import control, plugins
 from .contracts import PlatformAdapter
-from .engine import Engine
+from .engine import Engine, EngineTimers
 
 log = logging.getLogger("ctun")
 
@@ -53,6 +53,12 @@ def platform(
         yield adapter, resources
 
 
+def engine_timers(cfg: Any) -> EngineTimers:
+    """The engine's timers from a host or agent config."""
+    t = cfg.timers
+    return EngineTimers(t.keepalive, t.dead_after, t.rekey_after, t.handshake_skew)
+
+
 def event_sink(pm: pluggy.PluginManager) -> Callable[[str, str, str], None]:
     def sink(peer: str, state: str, reason: str) -> None:
         pm.hook.ctun_session_state_changed(peer=peer, state=state, reason=reason)
@@ -66,9 +72,16 @@ def serve(
     stop: threading.Event,
     extra_status: Callable[[], dict[str, Any]],
 ) -> None:
-    """Run the engine and its control socket until a signal, then stop the engine."""
+    """Run the engine and its control socket until a signal or a shutdown request."""
+
+    def shutdown(_request: dict[str, Any]) -> dict[str, Any]:
+        log.info("shutdown requested over the control socket")
+        stop.set()
+        return {}
+
     handlers: dict[str, control.Handler] = {
         "status": lambda _req: {"status": {**engine.snapshot(), **extra_status()}},
+        "shutdown": shutdown,
     }
     server = control.ControlServer(control.socket_path(engine.interface.name), handlers)
     engine.start()

@@ -56,13 +56,16 @@ class ControlState:
     """Per session: control messages are sequenced, acknowledged and acted on once."""
 
     next_seq: int = 1
+    remote_epoch: int = -1
     highest_seen: int = 0
     seen: set[int] = field(default_factory=set)  # within SEEN_WINDOW below highest_seen
     # seq -> (payload, monotonic time last sent, times sent)
     unacked: dict[int, tuple[bytes, float, int]] = field(default_factory=dict)
 
-    def first_time(self, seq: int) -> bool:
+    def first_time(self, epoch: int, seq: int) -> bool:
         """True the first time `seq` arrives, even out of order; False for any repeat."""
+        if epoch != self.remote_epoch:  # the peer restarted: its numbering starts over
+            self.remote_epoch, self.highest_seen, self.seen = epoch, 0, set()
         if seq <= self.highest_seen - SEEN_WINDOW or seq in self.seen:
             return False
         self.seen.add(seq)

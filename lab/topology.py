@@ -436,7 +436,8 @@ class Lab:
         return proc
 
     def start_daemon(self, *extra_args: str, name: str = "daemon") -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "ctun", "up", "--no-ui",
+        # --no-docker: the lab's "VM" has no engine; the machine's own one is not ours.
+        argv = [sys.executable, "-m", "ctun", "up", "--no-ui", "--no-docker",
                 "--listen", str(HOST_UNDERLAY), "--route", str(CONTAINER_SUBNET),
                 "--key-file", str(self.key_file), *extra_args]  # fmt: skip
         return self.spawn(self.host_ns, argv, name)

@@ -1,4 +1,5 @@
-"""Shared fixtures: prerequisite handling for `root` tests, the namespace lab, a leak guard."""
+"""Shared fixtures: prerequisite handling for `root` and `docker` tests, the namespace lab, the
+Docker lab and its engine and images, leak guards."""
 
 from __future__ import annotations
 
@@ -12,9 +13,19 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from ctun.lab.docker import (
+    Dockerd,
+    DockerLab,
+    created_docker_labs,
+    docker_missing,
+    ensure_busybox_image,
+    ensure_dockerd,
+    ensure_python_base_image,
+)
 from ctun.lab.topology import Lab, created_labs, lab_namespaces
 
 LAB_PREFIX = "ctunlab"
+DOCKER_LAB_PREFIX = "ctundk"
 
 
 def _strict() -> bool:
@@ -46,13 +57,26 @@ def missing_prerequisite() -> str | None:
     return None
 
 
-def require_root_prerequisites() -> None:
-    reason = missing_prerequisite()
+def _require(reason: str | None) -> None:
     if reason is None:
         return
     if _strict():
         pytest.fail(f"{reason} (CI=true or CTUN_REQUIRE_ALL=1: missing prerequisites fail)")
     pytest.skip(reason)
+
+
+def require_root_prerequisites() -> None:
+    _require(missing_prerequisite())
+
+
+@functools.cache
+def missing_docker_prerequisite() -> str | None:
+    """Why `docker` tests cannot run here, or None (asked once: it may start dockerd)."""
+    return docker_missing()
+
+
+def require_docker_prerequisites() -> None:
+    _require(missing_docker_prerequisite())
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -61,6 +85,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     # module-scoped `lab` is never even attempted on a machine that cannot host it.
     if item.get_closest_marker("root") is not None:
         require_root_prerequisites()
+    if item.get_closest_marker("docker") is not None:
+        require_docker_prerequisites()
 
 
 def _prefix(*parts: str) -> str:
@@ -91,6 +117,55 @@ def fresh_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     require_root_prerequisites()
     digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]
     the_lab = Lab(_prefix("f", digest))
+    try:
+        the_lab.create()
+        yield the_lab
+    finally:
+        the_lab.destroy()
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[Dockerd]:
+    """The Docker engine, answering; stopped at the end only if this session started it.
+
+    Before that, any DockerLab this session created and did not clean up fails the session
+    (after being destroyed), as _no_leftovers does for namespace labs.
+    """
+    require_docker_prerequisites()
+    engine = ensure_dockerd()
+    try:
+        yield engine
+        leaked: list[str] = []
+        for each in created_docker_labs():
+            found = each.leftovers()
+            if found:
+                leaked += found
+                each.destroy()
+        assert not leaked, f"test session left behind Docker lab objects: {leaked} (now removed)"
+    finally:
+        engine.stop_if_we_started()
+
+
+@pytest.fixture(scope="session")
+def busybox_image(dockerd: Dockerd) -> str:
+    """Tag of the busybox HTTP image (built from /bin/busybox the first time)."""
+    return ensure_busybox_image(dockerd.client())
+
+
+@pytest.fixture(scope="session")
+def python_base_image(dockerd: Dockerd) -> str:
+    """Tag of the Debian bookworm + python3 image (debootstrap, about a minute, the first time)."""
+    return ensure_python_base_image(dockerd.client())
+
+
+@pytest.fixture
+def docker_lab(
+    request: pytest.FixtureRequest, dockerd: Dockerd, busybox_image: str
+) -> Iterator[DockerLab]:
+    """A DockerLab of the test's own (stable prefix, so a crashed run's debris is removed)."""
+    require_root_prerequisites()
+    digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]
+    the_lab = DockerLab(f"{DOCKER_LAB_PREFIX}-{digest}", dockerd=dockerd)
     try:
         the_lab.create()
         yield the_lab

@@ -138,7 +138,8 @@ def test_start_daemon_and_agent_argv(lab: Lab, monkeypatch: pytest.MonkeyPatch) 
     daemon = lab.start_daemon("--verbose")
     assert daemon.wait(timeout=10) == 0
     assert lab.log("daemon").split() == [
-        "-m", "ctun", "up", "--no-ui", "--listen", "10.251.0.1", "--route", "172.18.0.0/16",
+        "-m", "ctun", "up", "--no-ui", "--no-docker",
+        "--listen", "10.251.0.1", "--route", "172.18.0.0/16",
         "--key-file", str(lab.key_file), "--verbose",
     ]  # fmt: skip
 

@@ -13,8 +13,9 @@ import pluggy
 from .. import __version__
 from ..core import plugins, runtime
 from ..core.config import AgentConfig
-from ..core.daemon import engine_timers
 from ..core.engine import Engine, PeerSpec, Role
+from .firewall import Firewall, FirewallError
+from .forwarding import Forwarding
 
 log = logging.getLogger("ctun.vm")
 
@@ -49,15 +50,28 @@ def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> No
         resources.callback(transport.close)
         # From the host we accept only tunnel-network sources: the host and its accessors.
         host = PeerSpec(HOST_PEER, cfg.key, (cfg.tunnel.network,), (IPv4Network("0.0.0.0/0"),))
+        forwarding = Forwarding(adapter, _firewall(cfg.tunnel.interface))
+        forwarding.start()
+        resources.callback(forwarding.stop)
         engine = Engine(
-            Role.VM, interface, transport, [host], cfg.tunnel.mtu, engine_timers(cfg),
+            Role.VM, interface, transport, [host], cfg.tunnel.mtu, runtime.engine_timers(cfg),
             name=socket.gethostname(), version=__version__, remote=(address, cfg.port),
-            on_event=runtime.event_sink(pm),
+            on_event=runtime.event_sink(pm), on_control=forwarding.on_control,
         )
         log.info("connecting to %s (%s:%d) over %s from %s %s", cfg.host, address, cfg.port,
                  cfg.transport, interface.name, cfg.tunnel.vm_address)
 
         def extra() -> dict[str, Any]:
-            return {"remote": [cfg.host, cfg.port], "routes": [str(r) for r in adapter.routes()]}
+            return {"remote": [cfg.host, cfg.port], "routes": [str(r) for r in adapter.routes()],
+                    **forwarding.status()}
 
         runtime.serve(engine, adapter, stop, extra)
+
+
+def _firewall(tun: str) -> Firewall | None:
+    """The VM's firewall manager, or None (with a warning) where there is no iptables."""
+    try:
+        return Firewall(tun)
+    except FirewallError as exc:
+        log.warning("not managing the VM's firewall: %s", exc)
+        return None

@@ -358,6 +358,24 @@ class LinuxAdapter(PlatformAdapter):
 
         return self._in_ns(work)
 
+    def interface_for(self, network: IPv4Network) -> str | None:
+        def work() -> str | None:
+            with _netlink("list routes") as ipr:
+                names = {
+                    int(link["index"]): link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
+                }
+                best: tuple[int, int] | None = None  # (prefix length, interface index)
+                for rt in _main_routes(ipr):
+                    oif = rt.get_attr("RTA_OIF")
+                    if int(rt["dst_len"]) == 0 or oif is None or oif == self._ifindex:
+                        continue
+                    route = _route_network(rt)
+                    if network.subnet_of(route) and (best is None or route.prefixlen > best[0]):
+                        best = (route.prefixlen, int(oif))
+            return None if best is None else str(names.get(best[1]))
+
+        return self._in_ns(work)
+
     # -- forwarding ---------------------------------------------------------------------
 
     def enable_forwarding(self) -> None:

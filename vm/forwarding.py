@@ -1,0 +1,108 @@
+"""The agent's side of routing: which subnets the host routes to us, which bridge serves
+each, and the firewall rules that let tunnel traffic through Docker's own.
+
+Route updates arrive as control messages on the network thread; they are only stashed
+there. The iptables work runs on this module's own thread, at once after a change and every
+few seconds anyway, because Docker rewrites its chains when it restarts or a network changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from ipaddress import IPv4Network
+from typing import Any
+
+from ..core.contracts import PlatformAdapter
+from ..core.messages import ControlMessage
+from .firewall import Firewall, FirewallError
+
+log = logging.getLogger("ctun.vm.forwarding")
+
+RECHECK_EVERY = 2.0
+
+
+class Forwarding:
+    def __init__(self, adapter: PlatformAdapter, firewall: Firewall | None) -> None:
+        self._adapter = adapter
+        self._firewall = firewall
+        self._generation = 0
+        self._parts: dict[int, list[str]] = {}
+        self._parts_gen = 0
+        self.subnets: tuple[IPv4Network, ...] = ()
+        self.links: dict[str, str] = {}
+        self.rules: list[str] = []
+        self.error = ""
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ctun-forwarding", daemon=True)
+
+    def start(self) -> None:
+        if self._firewall is not None:
+            for line in self._firewall.cleanup_leftovers():
+                log.warning("cleaned up after a previous run: firewall rule %s", line)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+        if self._firewall is not None:
+            try:
+                self._firewall.close()
+            except FirewallError as exc:
+                log.error("could not remove every firewall rule: %s", exc)
+
+    def on_control(self, _peer: str, message: ControlMessage) -> None:
+        """Network thread: keep the newest complete snapshot, then hand over to our thread."""
+        if message.kind != "routes":
+            return
+        gen, part, parts = message.body["gen"], message.body["part"], message.body["parts"]
+        if gen <= self._generation or gen < self._parts_gen:
+            return  # older than what we have: a late retransmit
+        if gen > self._parts_gen:
+            self._parts_gen, self._parts = gen, {}
+        self._parts[part] = message.body["routes"]
+        if len(self._parts) == parts:
+            routes = [r for i in range(parts) for r in self._parts.get(i, [])]
+            self.subnets = tuple(IPv4Network(r) for r in routes)
+            self._generation = gen
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sync()
+            self._wake.wait(RECHECK_EVERY)
+            self._wake.clear()
+
+    def _sync(self) -> None:
+        links: dict[IPv4Network, str] = {}
+        for subnet in self.subnets:
+            bridge = self._adapter.interface_for(subnet)
+            if bridge is not None:
+                links[subnet] = bridge
+        self.links = {str(k): v for k, v in links.items()}
+        if self._firewall is None:
+            return
+        try:
+            self._firewall.apply(links)
+            if self._firewall.ensure():
+                log.info("firewall rules re-applied (Docker changed its chains)")
+            self.rules = self._firewall.rules()
+            self.error = ""
+        except FirewallError as exc:
+            if str(exc) != self.error:
+                log.error("firewall: %s", exc)
+            self.error = str(exc)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "subnets": [str(s) for s in self.subnets],
+            "bridges": self.links,
+            "firewall": {
+                "managed": self._firewall is not None,
+                "backend": self._firewall.backend if self._firewall else None,
+                "rules": self.rules,
+                "error": self.error,
+            },
+        }
