@@ -166,7 +166,15 @@ def format_status(status: dict[str, Any]) -> str:
     if status.get("drops"):
         drops = ", ".join(f"{k} {v}" for k, v in sorted(status["drops"].items()))
         lines.append(f"unauthenticated drops: {drops}")
-    if "routes" in status:
+    docker = status.get("docker")
+    if docker:
+        reason = f" ({docker['error']})" if docker.get("error") else ""
+        lines.append(f"docker: {docker['state']}{reason}   agent: {status.get('agent', '-')}")
+    if status.get("route_table"):
+        lines.append(f"{'SUBNET':<20} {'SOURCE':<28} {'STATE':<16} DETAIL")
+        for d in status["route_table"]:
+            lines.append(f"{d['subnet']:<20} {d['source']:<28} {d['state']:<16} {d['detail']}")
+    elif "routes" in status:
         lines.append("routes: " + (", ".join(status["routes"]) or "none"))
     for problem in status.get("route_problems", []):
         lines.append(f"warning: {problem}")
@@ -248,13 +256,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+# Modules whose exceptions are user errors, with the exception class each defines.
+_USER_ERRORS = (
+    ("ctun.core.keys", "ConfigError"),
+    ("ctun.core.contracts", "PlatformError"),
+    ("ctun.core.control", "ControlError"),
+    ("ctun.core.plugins", "PluginError"),
+)
+
+
 def _user_message(exc: Exception) -> str | None:
     """The one-line message for errors a user can cause and fix; None for bugs."""
-    from .core.config import ConfigError
-    from .core.contracts import PlatformError
-    from .core.control import ControlError
-    from .core.plugins import PluginError
-
-    if isinstance(exc, UserError | ConfigError | PlatformError | PluginError | ControlError):
+    if isinstance(exc, UserError):
         return str(exc)
+    # Only modules already imported can have raised: importing more here could fail itself.
+    for module, name in _USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return str(exc)
     return None

@@ -65,18 +65,18 @@ def test_bad_config_file_names_file_and_key(tmp_path: Path, state: dict[str, str
     assert str(config) in result.stderr and "routes[1]" in result.stderr
 
 
-def test_not_root_is_told_to_use_sudo(tmp_path: Path) -> None:
-    # As root, drop to `nobody` for this one command; its state dir must be its own.
-    tmp_path.chmod(0o777)
-    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
-        if os.geteuid() == 0 else []
-    env = {**os.environ, "CTUN_STATE_DIR": str(tmp_path / "state"),
-           "CTUN_RUN_DIR": str(tmp_path / "run")}
-    result = subprocess.run([*drop, sys.executable, "-m", "ctun", "up", "--no-ui"],
-                            capture_output=True, text=True, timeout=60, env=env)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip() == \
-        "ctun up: error: ctun up needs root (it creates a network interface): run it with sudo"
+def test_not_root_is_told_to_use_sudo(monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str],
+                                      state: dict[str, str]) -> None:
+    from ctun import cli
+
+    for name, value in state.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert cli.main(["up", "--no-ui"]) == 2
+    assert capsys.readouterr().err == (
+        "ctun up: error: ctun up needs root (it creates a network interface): run it with sudo\n")
+    assert not Path(state["CTUN_STATE_DIR"]).exists()  # checked before any key is created
 
 
 def test_status_formats_a_snapshot() -> None:
@@ -92,3 +92,13 @@ def test_status_formats_a_snapshot() -> None:
     })
     assert "vm       up" in text and "0.25" in text and "replay 1" in text
     assert "unauthenticated drops: short 2" in text and "172.18.0.0/16" in text
+    with_docker = format_status({
+        "role": "host", "version": "0.1.0", "interface": "ctun0", "transport": "udp",
+        "local_endpoint": ["127.0.0.1", 2511], "uptime": 1.0, "drops": {}, "peers": [],
+        "docker": {"state": "down", "error": "cannot reach the engine"}, "agent": "running",
+        "route_table": [{"subnet": "10.9.0.0/24", "source": "docker:kafka",
+                         "state": "conflict", "detail": "overlaps the host route 10.0.0.0/8"}],
+    })
+    assert "docker: down (cannot reach the engine)   agent: running" in with_docker
+    assert "10.9.0.0/24" in with_docker and "docker:kafka" in with_docker
+    assert "overlaps the host route 10.0.0.0/8" in with_docker

@@ -296,3 +296,37 @@ def _ipam(subnet: str) -> Any:
     import docker
 
     return docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=subnet)])
+
+
+def _fake_old_agent(lab: DockerLab, busybox_image: str) -> Any:
+    """What an older ctun (or a crashed daemon) leaves: a labelled agent container."""
+    return lab.client().containers.run(
+        busybox_image, ["sleep", "600"], detach=True, name=f"{lab.prefix}-old-agent",
+        labels={LABEL_AGENT: HOST_IF, "io.ctun.version": "0.0.1", "io.ctun.config": "stale"},
+        stop_signal="SIGKILL")
+
+
+def test_an_agent_of_another_version_is_replaced(docker_lab: DockerLab, agent_tag: str,
+                                                 python_base_image: str,
+                                                 busybox_image: str) -> None:
+    old = _fake_old_agent(docker_lab, busybox_image)
+    running = Ctun(docker_lab, python_base_image)
+    try:
+        (agent,) = running.agents()
+        assert agent.id != old.id
+        assert agent.labels["io.ctun.version"] == agent_tag.split(":")[1]
+    finally:
+        running.down()
+
+
+def test_ctun_down_without_a_daemon_removes_a_crashed_daemons_agent(
+    docker_lab: DockerLab, busybox_image: str
+) -> None:
+    _fake_old_agent(docker_lab, busybox_image)
+    result = subprocess.run([sys.executable, "-m", "ctun", "down"], capture_output=True,
+                            text=True, timeout=60,
+                            env={**_environ(), "CTUN_RUN_DIR": str(docker_lab.run_dir)})
+    assert result.returncode == 0, result.stderr
+    assert f"removed {docker_lab.prefix}-old-agent" in result.stdout
+    assert docker_lab.client().containers.list(
+        all=True, filters={"label": f"{LABEL_AGENT}={HOST_IF}"}) == []

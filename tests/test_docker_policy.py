@@ -46,3 +46,29 @@ def test_network_info_from_the_engine_json_skips_what_it_cannot_read() -> None:
     })
     assert [str(s) for s in info.subnets] == ["10.5.0.0/16", "fd00::/64"]
     assert info.labels == {}
+
+
+def test_the_docker_table_and_its_flags(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from ctun.core.config import ConfigError, load_host_config
+
+    assert isinstance(tmp_path, Path)
+    monkeypatch.setenv("CTUN_STATE_DIR", str(tmp_path / "state"))
+    config = tmp_path / "ctun.toml"
+    config.write_text('[docker]\ninclude = ["name:kafka-*"]\nexclude = ["label:skip"]\n'
+                      'internal = true\nagent_host = "10.0.0.1"\n')
+    cfg = load_host_config(str(config), {"docker_agent": False})
+    assert cfg.docker.include == (Selector.parse("name:kafka-*"),)
+    assert cfg.docker.exclude == (Selector("label", "skip"),)
+    assert cfg.docker.internal and not cfg.docker.agent and cfg.docker.enabled
+    assert cfg.docker.agent_host == "10.0.0.1"
+    assert not load_host_config(str(config), {"docker_enabled": False}).docker.enabled
+    for text, problem in (('[docker]\nagnet = true\n', "unknown key 'agnet'"),
+                          ('[docker]\ninclude = ["kafka"]\n', r"docker\.include\[0\]"),
+                          ('[docker]\ninternal = "yes"\n', "must be true or false"),
+                          ("docker = 1\n", "must be a table")):
+        config.write_text(text)
+        with pytest.raises(ConfigError, match=problem) as exc:
+            load_host_config(str(config), {})
+        assert "\n" not in str(exc.value)

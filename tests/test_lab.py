@@ -170,12 +170,16 @@ def test_destroy_leaves_nothing_behind() -> None:
     before = net_state(None)
     lab = Lab("ctunlab-test_lab-destroy")
     lab.create()
-    lab.spawn(lab.host_ns, ["sleep", "60"], "sleeper-host")
-    lab.spawn(lab.atk_ns, ["sleep", "60"], "sleeper-atk")
-    pids = _all_pids(lab)
-    assert len(pids) >= 3  # the HTTP server and both sleepers
-    workdir = lab.workdir
-    lab.destroy()
+    try:
+        lab.spawn(lab.host_ns, ["sleep", "60"], "sleeper-host")
+        lab.spawn(lab.atk_ns, ["sleep", "60"], "sleeper-atk")
+        # `ip netns exec` enters the namespace a moment after it starts.
+        pids = lab.wait_until(lambda: p if len(p := _all_pids(lab)) >= 3 else None, 5,
+                              what="the HTTP server and both sleepers in the lab")
+        assert pids is not None
+    finally:
+        workdir = lab.workdir
+        lab.destroy()
     assert lab_namespaces(lab.prefix) == []
     assert not [p for p in pids if _pid_alive(p)]
     assert not workdir.exists()
