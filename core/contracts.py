@@ -139,7 +139,13 @@ class Transport(ABC):
 
     @abstractmethod
     def send(self, frame: bytes, to: Endpoint) -> None:
-        """Send one frame to `to`; never raises for a transient network error."""
+        """Send one frame to `to`; never raises for a network error (the frame is dropped and
+        counted instead). A frame longer than max_frame is a caller's bug: ValueError."""
 
     @abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release everything; idempotent. Afterwards send() drops, receive() returns []."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters for the status view (errors, connections closed by reason, ...)."""
+        return {}

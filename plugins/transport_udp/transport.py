@@ -30,6 +30,7 @@ class UdpTransport(Transport):
         self._sock = sock
         self._connected = connected
         self.errors = 0  # transient send/receive errors, for the status view
+        self._closed = False
         sock.setblocking(False)
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             # A smaller buffer still works, it just drops bursts sooner.
@@ -55,6 +56,8 @@ class UdpTransport(Transport):
 
     def receive(self, limit: int = 64) -> list[tuple[bytes, Endpoint]]:
         frames: list[tuple[bytes, Endpoint]] = []
+        if self._closed:
+            return frames
         recvfrom = self._sock.recvfrom
         while len(frames) < limit:
             try:
@@ -71,6 +74,10 @@ class UdpTransport(Transport):
         return frames
 
     def send(self, frame: bytes, to: Endpoint) -> None:
+        if len(frame) > self.max_frame:
+            raise ValueError(f"frame of {len(frame)} bytes is over {self.max_frame}")
+        if self._closed:
+            return
         try:
             if self._connected:
                 self._sock.send(frame)
@@ -82,7 +89,11 @@ class UdpTransport(Transport):
             self.errors += 1
 
     def close(self) -> None:
+        self._closed = True
         self._sock.close()
+
+    def stats(self) -> dict[str, int]:
+        return {"errors": self.errors}
 
 
 def _socket(action: Callable[[socket.socket, Endpoint], None], endpoint: Endpoint
