@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interface", default="ctun0", metavar="NAME",
                         help="which instance to ask (default ctun0; the agent's is ctunvm0)")
 
+    plugins = sub.add_parser("plugins", help="list the loaded plugins: versions, hooks, "
+                             "transports and platform adapters")
+    plugins.add_argument("--json", action="store_true", help="print the list as JSON")
+
     demo = sub.add_parser("demo", help="build a local lab in network namespaces and show "
                           "a container reached by IP through ctun")
     demo.add_argument("--duration", type=float, metavar="SECONDS",
@@ -122,7 +126,8 @@ def _run_tunnel(args: argparse.Namespace) -> int:
         cfg = config.load_agent_config(args.config, _overrides(args, (*_COMMON, "host")))
         from .vm.agent import run  # type: ignore[assignment]
     pm = plugins.create_manager()
-    plugins.transport(pm, cfg.transport)  # an unknown transport is a user error: say so now
+    # An unknown transport is a user error: say so now, not from inside the engine.
+    runtime.transport_classes(pm, cfg.transport)
     listener = logs.setup(args.log_level)
     try:
         with runtime.stop_on_signals() as stop:
@@ -181,6 +186,40 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _plugins(args: argparse.Namespace) -> int:
+    from .core import plugins
+
+    described = plugins.describe(plugins.create_manager())
+    if args.json:
+        print(json.dumps(described, indent=2))
+    else:
+        print(format_plugins(described, os.environ.get(plugins.ONLY_ENV)))
+    return 0
+
+
+def format_plugins(described: list[dict[str, Any]], only: str | None = None) -> str:
+    """`ctun plugins` as text: a heading line per plugin, then what it is and offers."""
+    if not described:
+        why = f" (CTUN_PLUGINS={only})" if only else ""
+        return f"no plugins are loaded{why}"
+    blocks = []
+    for p in described:
+        version = p["version"] or "registered in code"
+        lines = [f"{p['name']}  {version}"]
+        source = p["file"] or p["module"]
+        if p["distribution"]:
+            source = f"{p['distribution']} {p['version']}, {source}"
+        lines.append(f"  from:       {source}")
+        lines.append(f"  hooks:      {', '.join(p['hooks']) or 'none'}")
+        if p["transports"]:
+            lines.append(f"  transports: {', '.join(p['transports'])}")
+        if p["platform_adapter"]:
+            lines.append(f"  platform adapter: {p['platform_adapter']} (for {sys.platform})")
+        lines.extend(f"  error:      {e}" for e in p["errors"])
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
+
+
 def _down(args: argparse.Namespace) -> int:
     from .core import control
 
@@ -234,6 +273,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "vm": _run_tunnel,
     "status": _status,
     "down": _down,
+    "plugins": _plugins,
     "demo": _demo,
 }
 

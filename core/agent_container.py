@@ -77,7 +77,8 @@ class AgentContainer:
             self.state = f"no image: {exc}"
             log.error("cannot build the agent image: %s", exc)
             return
-        fingerprint = self._fingerprint(image)
+        # The image's ID, not its tag: a rebuilt image of the same version replaces the agent.
+        fingerprint = self._fingerprint(client.images.get(image).id)
         instance = self._cfg.tunnel.interface
         current = None
         for container in client.containers.list(

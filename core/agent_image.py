@@ -10,6 +10,7 @@ run time.
 from __future__ import annotations
 
 import email.parser
+import hashlib
 import importlib
 import io
 import logging
@@ -325,6 +326,19 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+SOURCE_LABEL = "io.ctun.source"
+
+
+def source_hash() -> str:
+    """A digest of the package's own files: what the image must be rebuilt for."""
+    digest = hashlib.sha256()
+    for path in sorted(_package_files()):
+        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    digest.update(DOCKERFILE.read_bytes() if DOCKERFILE.exists() else b"")
+    return digest.hexdigest()[:16]
+
+
 def build_context(wheels: Path) -> io.BytesIO:
     """The build context as an uncompressed tar: Dockerfile, ctun/ (the package's .py files)
     and wheels/ (*.whl and requirements.txt, the runtime requirements)."""
@@ -418,21 +432,25 @@ def ensure_image(
     Raises ImageError.
     """
     tag = image_tag()
+    source = source_hash()
     old_id = None
     try:
-        old_id = client.images.get(tag).id
+        old = client.images.get(tag)
+        old_id = old.id
+        # Same version, other code (a source checkout, a local change): build again.
+        current = (old.labels or {}).get(SOURCE_LABEL) == source
     except ImageNotFound:
-        pass
+        current = False
     except (DockerException, OSError) as exc:
         raise ImageError(f"cannot ask the engine for {tag}: {_one_line(exc)}") from None
-    if old_id is not None and not force:
+    if current and not force:
         return tag
     python_version, machine = base_python(client, base)
     wheels = (cache_dir or default_state_dir() / "wheels") / f"{python_version}-{machine}"
     download_wheels(wheels, runtime_requirements(), python_version, machine)
     log.info("building %s on %s (Python %s, %s)", tag, base, python_version, machine)
     image = _build(client, build_context(wheels), tag,
-                   {"BASE": base, "VERSION": __version__})
+                   {"BASE": base, "VERSION": __version__, "SOURCE": source})
     if old_id is not None and old_id != image.id:
         try:  # the image it replaces; one a container still runs stays until that is gone
             client.images.remove(old_id)

@@ -10,7 +10,7 @@ from typing import Any
 import pluggy
 
 from .. import __version__
-from . import plugins, runtime
+from . import runtime
 from .agent_container import AgentContainer
 from .config import VM_PEER, HostConfig
 from .contracts import PlatformError
@@ -33,7 +33,7 @@ def peer_specs(cfg: HostConfig) -> list[PeerSpec]:
 
 
 def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> None:
-    transport_cls = plugins.transport(pm, cfg.transport)
+    transport_classes = runtime.transport_classes(pm, cfg.transport)
     with runtime.platform(pm, cfg.tunnel.interface) as (adapter, resources):
         conflict = adapter.conflicting_route(cfg.tunnel.network)
         if conflict is not None:
@@ -41,15 +41,18 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
                 f"the tunnel network {cfg.tunnel.network} overlaps the host route {conflict}; "
                 "choose another `addr`"
             )
-        try:
-            transport = transport_cls.listen(cfg.listen)
-        except OSError as exc:
-            where = f"{cfg.listen[0]}:{cfg.listen[1]}"
-            raise PlatformError(
-                f"cannot listen on {cfg.transport} {where}: {exc.strerror or exc}; "
-                "is another ctun running? change `listen`/`port`"
-            ) from None
-        resources.callback(transport.close)
+        transports = []
+        for transport_cls in transport_classes:
+            try:
+                transport = transport_cls.listen(cfg.listen)
+            except OSError as exc:
+                where = f"{cfg.listen[0]}:{cfg.listen[1]}"
+                raise PlatformError(
+                    f"cannot listen on {transport_cls.name} {where}: {exc.strerror or exc}; "
+                    "is another ctun running? change `listen`/`port`"
+                ) from None
+            resources.callback(transport.close)
+            transports.append(transport)
         interface = adapter.open_interface(cfg.tunnel.interface, cfg.tunnel.mtu)
         adapter.set_address(cfg.tunnel.host_address, cfg.tunnel.vm_address)
         adapter.add_route(cfg.tunnel.network)
@@ -61,7 +64,7 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
             plugin_sink(peer, state, reason)
 
         engine = Engine(
-            Role.HOST, interface, transport, peer_specs(cfg), cfg.tunnel.mtu,
+            Role.HOST, interface, transports, peer_specs(cfg), cfg.tunnel.mtu,
             runtime.engine_timers(cfg), name="host", version=__version__, on_event=on_event,
         )
         routes = HostRoutes(adapter, engine, cfg)
@@ -69,7 +72,7 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
         agent = _follow_docker(cfg, routes, resources)
         log.info(
             "listening on %s %s:%d, interface %s %s -> %s, routes: %s",
-            cfg.transport, *transport.local_endpoint, interface.name,
+            "+".join(t.name for t in transports), *transports[0].local_endpoint, interface.name,
             cfg.tunnel.host_address, cfg.tunnel.vm_address,
             ", ".join(map(str, cfg.routes)) or "none",
         )

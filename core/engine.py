@@ -18,7 +18,7 @@ import select
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Any
@@ -56,6 +56,10 @@ PREVIOUS_SESSION_GRACE = 10.0  # in-flight frames under the old keys are still a
 INITS_PER_SECOND = 20  # per peer: caps the key exchanges a replaying or buggy peer can cost
 DROP_REPORT_EVERY = 10.0  # seconds between log summaries of drops (never one line per packet)
 UNANSWERED_WARNING = 3  # handshakes without an answer before the VM side says what to check
+FALLBACK_AFTER = 3.0  # VM side: no authenticated answer on a path for this long -> next path
+PROBE_EVERY = 10.0  # VM side, off the first path: how often to try the first path again
+MAX_SWITCHES_KEPT = 20
+PROBE_FLAG = b"\x01"  # a keepalive that tests a path: echo it there, do not move the peer
 
 # What a user should check when a drop reason shows up in the log.
 DROP_HINTS = {
@@ -109,7 +113,7 @@ class Engine:
         self,
         role: Role,
         interface: VirtualInterface,
-        transport: Transport,
+        transports: Sequence[Transport],
         peers: Iterable[PeerSpec],
         mtu: int,
         timers: EngineTimers,
@@ -121,7 +125,10 @@ class Engine:
     ) -> None:
         self.role = role
         self.interface = interface
-        self.transport = transport
+        if not transports:
+            raise ValueError("the engine needs at least one transport")
+        # In order of preference: the VM side starts on the first and falls back in turn.
+        self.transports = list(transports)
         self.mtu = mtu
         self.timers = timers
         self.name = name
@@ -158,6 +165,9 @@ class Engine:
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
+        now = time.monotonic()
+        for peer in self.peers:
+            peer.path_since = now
         for target, name in (
             (self._interface_pump, "ctun-if"),
             (self._network_pump, "ctun-net"),
@@ -241,7 +251,7 @@ class Engine:
         except Dropped as dropped:
             peer.counters.drops_out[dropped.reason] += 1
             return
-        self.transport.send(frame, endpoint)
+        self.transports[peer.path].send(frame, endpoint)
         counters = peer.counters
         counters.tx_packets += 1
         counters.tx_bytes += len(packet)
@@ -251,17 +261,23 @@ class Engine:
 
     def _network_pump(self) -> None:
         poller = select.poll()
-        poller.register(self.transport.fileno(), select.POLLIN)
+        paths = {}
+        for path, transport in enumerate(self.transports):
+            paths[transport.fileno()] = path
+            poller.register(transport.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         while not self._stop.is_set():
-            if not poller.poll(1000):
-                continue
-            frames = self.transport.receive(BATCH)
-            now = time.monotonic()
-            for frame, source in frames:
-                self.receive_frame(frame, source, now)
+            ready = poller.poll(1000)
+            for fd, _events in ready:
+                ready_path = paths.get(fd)
+                if ready_path is None:
+                    continue
+                frames = self.transports[ready_path].receive(BATCH)
+                now = time.monotonic()
+                for frame, source in frames:
+                    self.receive_frame(frame, source, now, ready_path)
 
-    def receive_frame(self, frame: bytes, source: Endpoint, now: float) -> None:
+    def receive_frame(self, frame: bytes, source: Endpoint, now: float, path: int = 0) -> None:
         """Check one frame in the protocol's order; count and forget anything that fails."""
         peer: Peer | None = None
         try:
@@ -269,15 +285,15 @@ class Engine:
                 raise Dropped(Drop.OVERSIZE)
             ftype = frame_type(frame)
             if ftype is FrameType.INIT:
-                self._on_init(frame, source, now)
+                self._on_init(frame, source, now, path)
             elif ftype is FrameType.RESPONSE:
-                self._on_response(frame, source, now)
+                self._on_response(frame, source, now, path)
             else:
                 entry = self._sessions.get(receiver_index(frame))
                 if entry is None:
                     raise Dropped(Drop.UNKNOWN_SESSION)
                 session, peer = entry
-                self._on_transport(peer, session, ftype, frame, source, now)
+                self._on_transport(peer, session, ftype, frame, source, now, path)
         except Dropped as dropped:
             (peer.counters.drops_in if peer else self.drops_in)[dropped.reason] += 1
 
@@ -289,6 +305,7 @@ class Engine:
         frame: bytes,
         source: Endpoint,
         now: float,
+        path: int,
     ) -> None:
         if now - session.created > self.timers.reject_after:
             raise Dropped(Drop.KEY_EXPIRED)
@@ -301,9 +318,14 @@ class Engine:
         elif ftype is FrameType.CONTROL:
             message = messages.parse(payload)
         # Authenticated, fresh and sane: only now may it change state or reach the interface.
+        probe = ftype is FrameType.KEEPALIVE and payload[8:9] == PROBE_FLAG
         if not session.confirmed:
             self._confirm(peer, session, now)
-        peer.endpoint = source
+        if self.role is Role.HOST and not probe:
+            # Roaming: replies follow the latest authenticated frame, across transports too.
+            if peer.path != path:
+                self._events.put((peer.name, "transport", f"now over {self._path_name(path)}"))
+            peer.endpoint, peer.path = source, path
         peer.last_received = now
         if peer.state != "up" and session is peer.current:
             self._set_state(peer, "up", "traffic resumed")
@@ -312,20 +334,31 @@ class Engine:
             peer.counters.rx_packets += 1
             peer.counters.rx_bytes += len(payload)
         elif ftype is FrameType.KEEPALIVE:
-            self._on_keepalive(peer, session, payload, now)
+            self._on_keepalive(peer, session, payload, now, source, path)
         elif message is not None:
             self._on_control(peer, session, message, now)
         elif ftype is FrameType.CLOSE:
             self._on_close(peer, session)
 
-    def _on_keepalive(self, peer: Peer, session: Session, payload: bytes, now: float) -> None:
+    def _on_keepalive(self, peer: Peer, session: Session, payload: bytes, now: float,
+                      source: Endpoint, path: int) -> None:
         if self.role is Role.HOST:
-            # Echo so the VM side can tell we are alive and measure the round trip.
-            self._send(peer, session, FrameType.KEEPALIVE, payload, now)
-        elif len(payload) == 8:
-            sent = int.from_bytes(payload, "big") / 1e9
+            # Echo, on the path it came by, so the VM side knows that path works and can
+            # measure the round trip.
+            frame = self._seal(session, FrameType.KEEPALIVE, payload, now)
+            if frame is not None:
+                self.transports[path].send(frame, source)
+            return
+        if path == peer.path:
+            # Only an echo of our own keepalive proves that the path works both ways.
+            peer.last_echo = now
+        if len(payload) >= 8:
+            sent = int.from_bytes(payload[:8], "big") / 1e9
             if 0 <= now - sent < 60:
                 peer.rtt = now - sent
+        # A probe's echo over a more preferred path than ours: go back to it.
+        if payload[8:9] == PROBE_FLAG and path < peer.path:
+            self._switch_path(peer, path, f"{self._path_name(path)} works again", now)
 
     def _on_close(self, peer: Peer, session: Session) -> None:
         with self._lock:
@@ -340,7 +373,7 @@ class Engine:
 
     # --- handshakes --------------------------------------------------------------------
 
-    def _on_init(self, frame: bytes, source: Endpoint, now: float) -> None:
+    def _on_init(self, frame: bytes, source: Endpoint, now: float, path: int) -> None:
         if self.role is not Role.HOST:
             raise Dropped(Drop.UNKNOWN_TYPE)
         message = parse_init(frame)
@@ -369,9 +402,9 @@ class Engine:
             session = Session(keys, now, initiator=False)
             peer.pending_response = session
             self._sessions[session.local_index] = (session, peer)
-        self.transport.send(response, source)
+        self.transports[path].send(response, source)
 
-    def _on_response(self, frame: bytes, source: Endpoint, now: float) -> None:
+    def _on_response(self, frame: bytes, source: Endpoint, now: float, path: int) -> None:
         if self.role is not Role.VM:
             raise Dropped(Drop.UNKNOWN_TYPE)
         peer = self.peers[0]
@@ -390,7 +423,7 @@ class Engine:
             self._install(peer, session, now)
             peer.backoff = 0.0
             peer.unanswered = 0
-        peer.last_received = now
+        peer.last_received = peer.last_echo = now
         # The first frame under the new keys confirms them to the host; send it at once.
         self._send_keepalive(peer, session, now)
         self._queue_control(peer, "hello", role=self.role.value, name=self.name,
@@ -435,7 +468,10 @@ class Engine:
             peer.next_attempt = now + peer.backoff * (0.8 + 0.4 * secrets.randbelow(1000) / 1000)
             message = peer.pending_init.message
             peer.unanswered += 1
-        if peer.unanswered == UNANSWERED_WARNING and peer.endpoint is not None:
+        # With fallback, unanswered handshakes on the first path are expected: warn once
+        # every path has had its share.
+        if peer.unanswered == UNANSWERED_WARNING * len(self.transports) and \
+                peer.endpoint is not None:
             host, port = peer.endpoint
             log.warning(
                 "no answer from %s:%d to %d handshakes: is `ctun up` running there and "
@@ -443,7 +479,7 @@ class Engine:
                 "both clocks right?", host, port, peer.unanswered,
             )
         if peer.endpoint is not None:
-            self.transport.send(message, peer.endpoint)
+            self.transports[peer.path].send(message, peer.endpoint)
 
     # --- control channel ---------------------------------------------------------------
 
@@ -509,18 +545,30 @@ class Engine:
 
     def _send(self, peer: Peer, session: Session, ftype: FrameType, payload: bytes, now: float
               ) -> None:
-        if peer.endpoint is None or now - session.created > self.timers.reject_after:
-            return
+        frame = self._seal(session, ftype, payload, now)
+        if frame is not None and peer.endpoint is not None:
+            self.transports[peer.path].send(frame, peer.endpoint)
+
+    def _seal(self, session: Session, ftype: FrameType, payload: bytes, now: float
+              ) -> bytes | None:
+        if now - session.created > self.timers.reject_after:
+            return None
         try:
-            frame = session.sealer.seal(ftype, payload)
+            return session.sealer.seal(ftype, payload)
         except Dropped:
-            return
-        self.transport.send(frame, peer.endpoint)
+            return None
 
     def _send_keepalive(self, peer: Peer, session: Session, now: float) -> None:
         self._send(peer, session, FrameType.KEEPALIVE, time.monotonic_ns().to_bytes(8, "big"),
                    now)
         peer.last_keepalive = now
+
+    def _send_probe(self, peer: Peer, session: Session, path: int, now: float) -> None:
+        """A keepalive over another path; its echo there proves the path works both ways."""
+        payload = time.monotonic_ns().to_bytes(8, "big") + PROBE_FLAG
+        frame = self._seal(session, FrameType.KEEPALIVE, payload, now)
+        if frame is not None and peer.endpoint is not None:
+            self.transports[path].send(frame, peer.endpoint)
 
     def _send_close(self, peer: Peer, reason: str) -> None:
         """Best effort and unacknowledged: we are going, there is nobody left to retry."""
@@ -554,19 +602,32 @@ class Engine:
 
     def _tick_initiator(self, peer: Peer, now: float) -> None:
         session = peer.current
-        if session is not None and now - peer.last_received > self.timers.dead_after:
+        # Keepalive echoes, not just any frame: the host may still reach us while nothing of
+        # ours reaches it (a one-way block), and then we must move.
+        if session is not None and now - peer.last_echo > self.timers.dead_after:
             with self._lock:
                 self._forget(session)
                 peer.current = None
                 peer.backoff = 0.0
                 peer.next_attempt = 0.0
-            self._set_state(peer, "connecting",
-                            f"no answer from the host for {self.timers.dead_after:g} s")
+            reason = f"no answer from the host for {self.timers.dead_after:g} s"
+            self._set_state(peer, "connecting", reason)
+            if len(self.transports) > 1:
+                self._switch_path(peer, (peer.path + 1) % len(self.transports),
+                                  f"keepalives stopped coming back over "
+                                  f"{self._path_name(peer.path)}", now)
             session = None
         if session is None:
+            if len(self.transports) > 1 and now - peer.path_since >= FALLBACK_AFTER:
+                self._switch_path(peer, (peer.path + 1) % len(self.transports),
+                                  f"no authenticated answer over {self._path_name(peer.path)} "
+                                  f"within {FALLBACK_AFTER:g} s", now)
             if now >= peer.next_attempt:
                 self._initiate(peer, now)
             return
+        if peer.path != 0 and now >= peer.next_probe:
+            peer.next_probe = now + PROBE_EVERY
+            self._send_probe(peer, session, 0, now)
         age = now - session.created
         wants_rekey = age > self.timers.rekey_after or session.sealer.sent > 1 << 60
         if wants_rekey and (peer.pending_init is None or now >= peer.next_attempt):
@@ -591,6 +652,29 @@ class Engine:
             with self._lock:
                 self._forget(previous)
                 peer.previous = None
+
+    def _path_name(self, path: int) -> str:
+        return self.transports[path].name
+
+    def _switch_path(self, peer: Peer, path: int, reason: str, now: float) -> None:
+        """VM side: send over another transport from now on (the host follows by roaming)."""
+        before = self._path_name(peer.path)
+        with self._lock:
+            peer.path = path
+            peer.path_since = now
+            peer.next_attempt = 0.0  # handshake (if one is due) at once on the new path
+            peer.backoff = 0.0
+            peer.next_probe = now + PROBE_EVERY
+            peer.switches.append({"at": round(time.time(), 3), "from": before,
+                                  "to": self._path_name(path), "reason": reason})
+            del peer.switches[:-MAX_SWITCHES_KEPT]
+            peer.switch_count += 1
+        session = peer.current
+        if session is not None:
+            # Tell the host at once, so its replies move to the new path too.
+            self._send_keepalive(peer, session, now)
+        self._events.put((peer.name, "transport", f"{before} -> {self._path_name(path)}: "
+                                                  f"{reason}"))
 
     def _report_drops(self) -> None:
         """One log line per interval with what was dropped since the last one, and why."""
@@ -641,8 +725,12 @@ class Engine:
             "name": self.name,
             "version": self.version,
             "interface": self.interface.name,
-            "transport": self.transport.name,
-            "local_endpoint": list(self.transport.local_endpoint),
+            "transport": "+".join(t.name for t in self.transports),
+            "transports": [
+                {"name": t.name, "local_endpoint": list(t.local_endpoint), "stats": t.stats()}
+                for t in self.transports
+            ],
+            "local_endpoint": list(self.transports[0].local_endpoint),
             "uptime": round(now - self.started, 3),
             "drops": dict(drops),
             "peers": [self._peer_snapshot(p, now) for p in self.peers],
@@ -660,6 +748,9 @@ class Engine:
             "last_seen_age": round(now - peer.last_received, 3) if peer.last_received else None,
             "handshakes": peer.handshakes,
             "rtt_ms": None if peer.rtt is None else round(peer.rtt * 1000, 3),
+            "transport": self._path_name(peer.path),
+            "switches": list(peer.switches),
+            "switch_count": peer.switch_count,
             "remote_name": peer.remote_name,
             "remote_version": peer.remote_version,
             "rx_packets": c.rx_packets,

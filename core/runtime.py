@@ -13,7 +13,7 @@ from typing import Any
 import pluggy
 
 from . import control, plugins
-from .contracts import PlatformAdapter
+from .contracts import PlatformAdapter, Transport
 from .engine import Engine, EngineTimers
 
 log = logging.getLogger("ctun")
@@ -51,6 +51,18 @@ def platform(
         resources.callback(log.info, "stopped; interface %s and its routes removed", interface)
         resources.callback(adapter.close)
         yield adapter, resources
+
+
+AUTO = "auto"
+AUTO_ORDER = ("udp", "tcp")  # UDP first; TCP when Docker Desktop's UDP forwarding fails
+
+
+def transport_classes(pm: pluggy.PluginManager, name: str) -> list[type[Transport]]:
+    """The transports to use, in order of preference: "auto" is UDP with TCP fallback;
+    any other name pins that one transport."""
+    if name == AUTO:
+        return [plugins.transport(pm, each) for each in AUTO_ORDER]
+    return [plugins.transport(pm, name)]
 
 
 def engine_timers(cfg: Any) -> EngineTimers:

@@ -84,6 +84,11 @@ class Peer:
     allowed_sources: Prefixes  # inner source addresses this peer may send from
     routes: Prefixes  # destinations that are sent to this peer
     endpoint: Endpoint | None = None
+    path: int = 0  # index of the transport frames to this peer go over
+    path_since: float = 0.0  # VM side: when we started on this path
+    next_probe: float = 0.0  # VM side: when to test the first path again
+    switch_count: int = 0
+    switches: list[dict[str, object]] = field(default_factory=list)
     current: Session | None = None
     previous: Session | None = None
     pending_response: Session | None = None  # responder, awaiting the first frame
@@ -96,6 +101,7 @@ class Peer:
     last_received: float = 0.0
     last_sent: float = 0.0
     last_keepalive: float = 0.0
+    last_echo: float = 0.0  # VM side: the host's latest echo of our keepalive on our path
     handshakes: int = 0
     unanswered: int = 0  # initiator: handshakes sent since the last answer
     state: str = "connecting"

@@ -435,22 +435,31 @@ class Lab:
         self._procs.append(proc)
         return proc
 
-    def start_daemon(self, *extra_args: str, name: str = "daemon") -> subprocess.Popen[bytes]:
+    def start_daemon(
+        self, *extra_args: str, name: str = "daemon", python: str = sys.executable
+    ) -> subprocess.Popen[bytes]:
+        """Start the daemon in the host namespace; `python` picks the interpreter (and so the
+        installed ctun and plugins), e.g. a venv's."""
         # --no-docker: the lab's "VM" has no engine; the machine's own one is not ours.
-        argv = [sys.executable, "-m", "ctun", "up", "--no-ui", "--no-docker",
+        argv = [python, "-m", "ctun", "up", "--no-ui", "--no-docker",
                 "--listen", str(HOST_UNDERLAY), "--route", str(CONTAINER_SUBNET),
                 "--key-file", str(self.key_file), *extra_args]  # fmt: skip
         return self.spawn(self.host_ns, argv, name)
 
     def start_agent(
-        self, *extra_args: str, name: str = "agent", key_timeout: float = 10.0
+        self,
+        *extra_args: str,
+        name: str = "agent",
+        key_timeout: float = 10.0,
+        python: str = sys.executable,
     ) -> subprocess.Popen[bytes]:
-        """Start the agent in the VM once the daemon has written the shared key file."""
+        """Start the agent in the VM once the daemon has written the shared key file; `python`
+        as for start_daemon()."""
         try:
             self.wait_until(self.key_file.exists, key_timeout, what=f"{self.key_file}")
         except AssertionError as exc:
             raise AssertionError(f"{exc}; daemon log:\n{self.log('daemon')}") from None
-        argv = [sys.executable, "-m", "ctun", "vm", "--host", str(HOST_UNDERLAY),
+        argv = [python, "-m", "ctun", "vm", "--host", str(HOST_UNDERLAY),
                 "--key-file", str(self.key_file), *extra_args]  # fmt: skip
         return self.spawn(self.vm_ns, argv, name)
 

@@ -79,7 +79,7 @@ def test_host_defaults_create_the_vm_key(isolated: Path) -> None:
     assert cfg.tunnel.host_address == IPv4Address("192.168.251.2")
     assert (cfg.tunnel.mtu, cfg.tunnel.interface) == (1400, "ctun0")
     assert cfg.listen == ("127.0.0.1", 2511)
-    assert cfg.transport == "udp"
+    assert cfg.transport == "auto"  # UDP with TCP fallback
     assert cfg.routes == ()
     assert cfg.timers == Timers(1.0, 3.0, 120.0, 600.0)
     assert cfg.source is None
@@ -105,7 +105,7 @@ def test_agent_defaults() -> None:
         ),
         host="host.docker.internal",
         port=2511,
-        transport="udp",
+        transport="auto",
         key=KEY_A,
         timers=Timers(),
         source=None,

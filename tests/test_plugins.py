@@ -12,6 +12,7 @@ from ctun.core import plugins
 from ctun.core.contracts import Endpoint, PlatformAdapter, Transport, VirtualInterface
 from ctun.core.hookspecs import hookimpl
 from ctun.plugins.platform_linux.adapter import LinuxAdapter
+from ctun.plugins.transport_tcp import TcpTransport
 from ctun.plugins.transport_udp import UdpTransport
 
 
@@ -53,7 +54,7 @@ def _plugin(**hooks: Callable[..., object]) -> SimpleNamespace:
 def test_builtins_load_through_the_hooks() -> None:
     pm = plugins.create_manager(load_entry_points=False)
     assert set(plugins.DEFAULT_PLUGINS) <= {name for name, _ in pm.list_name_plugin()}
-    assert plugins.transports(pm) == {"udp": UdpTransport}
+    assert plugins.transports(pm) == {"udp": UdpTransport, "tcp": TcpTransport}
     assert plugins.transport(pm, "udp") is UdpTransport
     assert isinstance(plugins.platform_adapter(pm, "linux"), LinuxAdapter)
 
@@ -81,8 +82,8 @@ def test_third_party_transports_are_chosen_by_name() -> None:
 
     pm.register(_plugin(ctun_register_transports=register_echo))
     assert plugins.transport(pm, "echo") is EchoTransport
-    with pytest.raises(plugins.PluginError, match=r"no transport named 'tcp' .*echo, udp"):
-        plugins.transport(pm, "tcp")
+    with pytest.raises(plugins.PluginError, match=r"no transport named 'quic' .*echo, tcp, udp"):
+        plugins.transport(pm, "quic")
 
 
 def test_two_transports_with_one_name_are_refused() -> None:

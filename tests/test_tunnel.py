@@ -379,8 +379,9 @@ def test_an_agent_with_the_wrong_key_is_told_what_to_check(fresh_lab: Lab) -> No
     wrong.touch(mode=0o600)
     wrong.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
     lab.start_agent("--key-file", str(wrong))
-    lab.wait_until(lambda: "no answer from 10.251.0.1:2511 to 3 handshakes" in lab.log("agent"),
-                   10, what="the agent's warning")
+    # Three unanswered handshakes on each path (UDP, then the TCP fallback).
+    lab.wait_until(lambda: "no answer from 10.251.0.1:2511 to 6 handshakes" in lab.log("agent"),
+                   15, what="the agent's warning")
     assert "use the host's vm.key" in lab.log("agent")
     assert status(lab, HOST_IF)["drops"].get("unknown_peer", 0) >= 3
     assert peer(lab, VM_IF)["state"] == "connecting"

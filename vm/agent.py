@@ -11,7 +11,7 @@ from typing import Any
 import pluggy
 
 from .. import __version__
-from ..core import plugins, runtime
+from ..core import runtime
 from ..core.config import AgentConfig
 from ..core.engine import Engine, PeerSpec, Role
 from .firewall import Firewall, FirewallError
@@ -37,7 +37,7 @@ def resolve(host: str, port: int, stop: threading.Event) -> str | None:
 
 
 def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> None:
-    transport_cls = plugins.transport(pm, cfg.transport)
+    transport_classes = runtime.transport_classes(pm, cfg.transport)
     with runtime.platform(pm, cfg.tunnel.interface) as (adapter, resources):
         address = resolve(cfg.host, cfg.port, stop)
         if address is None:
@@ -46,15 +46,18 @@ def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> No
         adapter.set_address(cfg.tunnel.vm_address, cfg.tunnel.host_address)
         adapter.add_route(cfg.tunnel.network, via=cfg.tunnel.host_address)
         adapter.enable_forwarding()
-        transport = transport_cls.connect((address, cfg.port))
-        resources.callback(transport.close)
+        transports = []
+        for transport_cls in transport_classes:
+            transport = transport_cls.connect((address, cfg.port))
+            resources.callback(transport.close)
+            transports.append(transport)
         # From the host we accept only tunnel-network sources: the host and its accessors.
         host = PeerSpec(HOST_PEER, cfg.key, (cfg.tunnel.network,), (IPv4Network("0.0.0.0/0"),))
         forwarding = Forwarding(adapter, _firewall(cfg.tunnel.interface))
         forwarding.start()
         resources.callback(forwarding.stop)
         engine = Engine(
-            Role.VM, interface, transport, [host], cfg.tunnel.mtu, runtime.engine_timers(cfg),
+            Role.VM, interface, transports, [host], cfg.tunnel.mtu, runtime.engine_timers(cfg),
             name=socket.gethostname(), version=__version__, remote=(address, cfg.port),
             on_event=runtime.event_sink(pm), on_control=forwarding.on_control,
         )
