@@ -206,7 +206,7 @@ def format_plugins(described: list[dict[str, Any]], only: str | None = None) -> 
     for p in described:
         version = p["version"] or "registered in code"
         lines = [f"{p['name']}  {version}"]
-        source = p["file"] or p["module"]
+        source = p["file"] or p["module"] or "unknown"
         if p["distribution"]:
             source = f"{p['distribution']} {p['version']}, {source}"
         lines.append(f"  from:       {source}")

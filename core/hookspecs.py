@@ -36,7 +36,8 @@ def ctun_platform_adapter(platform: str) -> type[PlatformAdapter] | None:
 
 @hookspec
 def ctun_session_state_changed(peer: str, state: str, reason: str) -> None:
-    """Called when a peer's session changes state ("handshaking", "up", "down", ...).
+    """Called when a peer's session changes state: "waiting" (host side, before its first
+    handshake), "connecting" (VM side, handshaking), "up", or "down" (host side, gone quiet).
 
     Called from the engine's timer thread, never from the packet path: keep it quick.
     """

@@ -8,8 +8,8 @@ CTUN_PLUGINS=a,b
     built-in module name, full (`ctun.plugins.transport_udp`) or its last part
     (`transport_udp`). Unset or empty: everything loads.
 CTUN_TRACE_HOOKS=1
-    Every hook call (and every plugin registration) is traced to stderr through pluggy's
-    tracing: the hook, its arguments, and what it returned.
+    Every hook call is traced to stderr through pluggy's tracing: the hook and its arguments
+    when it is called, and what it returned.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import pluggy
+from pluggy import HookImpl
 
 from . import hookspecs
 from .contracts import PlatformAdapter, Transport
@@ -63,7 +63,6 @@ def _write_trace(line: str) -> None:
 def create_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     if os.environ.get(TRACE_ENV) == "1":
-        # Before anything registers, so the trace also shows which plugins loaded.
         pm.trace.root.setwriter(_write_trace)
         pm.enable_tracing()
     pm.add_hookspecs(hookspecs)
@@ -138,9 +137,9 @@ def describe(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
 
 def _describe_one(pm: pluggy.PluginManager, name: str, plugin: object, dist: Any
                   ) -> dict[str, Any]:
-    hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or ())
-    module = plugin if isinstance(plugin, ModuleType) else sys.modules.get(
-        type(plugin).__module__)
+    callers = pm.get_hookcallers(plugin) or []
+    hooks = sorted(caller.name for caller in callers)
+    module = plugin if isinstance(plugin, ModuleType) else _defining_module(plugin, callers)
     if name in DEFAULT_PLUGINS:
         version: str | None = BUILTIN
     else:
@@ -149,31 +148,45 @@ def _describe_one(pm: pluggy.PluginManager, name: str, plugin: object, dist: Any
         "name": name,
         "version": version,
         "distribution": str(dist.project_name) if dist is not None else None,
-        "module": module.__name__ if module is not None else type(plugin).__module__,
+        "module": module.__name__ if module is not None else None,
         "file": getattr(module, "__file__", None),
         "hooks": hooks,
         "transports": [],
         "platform_adapter": None,
         "errors": [],
     }
-    # Each question goes to this plugin alone: the other plugins are left out of the call.
-    others = [p for _, p in pm.list_name_plugin() if p is not None and p is not plugin]
-    errors: list[str] = entry["errors"]
-    if "ctun_register_transports" in hooks:
-        names: list[str] = entry["transports"]
-        _ask(errors, lambda: pm.subset_hook_caller("ctun_register_transports", others)(
-            register=lambda cls: names.append(str(cls.name))))
-    if "ctun_platform_adapter" in hooks:
-        def adapter() -> None:
-            cls = pm.subset_hook_caller("ctun_platform_adapter", others)(platform=sys.platform)
-            entry["platform_adapter"] = None if cls is None else str(cls.name)
-
-        _ask(errors, adapter)
+    names: list[str] = entry["transports"]
+    for impl in _impls(callers, plugin, "ctun_register_transports"):
+        _ask(entry, "ctun_register_transports", impl,
+             register=lambda cls: names.append(str(cls.name)))
+    for impl in _impls(callers, plugin, "ctun_platform_adapter"):
+        cls = _ask(entry, "ctun_platform_adapter", impl, platform=sys.platform)
+        entry["platform_adapter"] = None if cls is None else str(getattr(cls, "name", cls))
     return entry
 
 
-def _ask(errors: list[str], question: Callable[[], object]) -> None:
+def _impls(callers: list[pluggy.HookCaller], plugin: object, hook: str) -> list[HookImpl]:
+    """The plugin's own implementations of `hook`; wrappers provide nothing, so not those."""
+    return [impl for caller in callers if caller.name == hook
+            for impl in caller.get_hookimpls()
+            if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper)]
+
+
+def _defining_module(plugin: object, callers: list[pluggy.HookCaller]) -> ModuleType | None:
+    """Where a plugin that is not a module has its code: the module of its hook functions
+    (an object's class may come from elsewhere, as types.SimpleNamespace does)."""
+    for caller in callers:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin:
+                return sys.modules.get(getattr(impl.function, "__module__", "") or "")
+    return sys.modules.get(type(plugin).__module__)
+
+
+def _ask(entry: dict[str, Any], hook: str, impl: HookImpl, **kwargs: object) -> object:
+    """Call one plugin's implementation alone, as pluggy would: with the arguments it names.
+    (Not through the manager, which would call every plugin's and combine the answers.)"""
     try:
-        question()
+        return impl.function(*(kwargs[name] for name in impl.argnames))
     except Exception as exc:  # describing a broken plugin must not break `ctun plugins`
-        errors.append(f"{type(exc).__name__}: {exc}")
+        entry["errors"].append(f"{hook}: {type(exc).__name__}: {exc}")
+        return None

@@ -71,9 +71,15 @@ def engine_timers(cfg: Any) -> EngineTimers:
     return EngineTimers(t.keepalive, t.dead_after, t.rekey_after, t.handshake_skew)
 
 
+# What a peer's session can be in; the engine's other events ("hello", "transport") are news
+# for the log, not states.
+SESSION_STATES = frozenset({"waiting", "connecting", "up", "down"})
+
+
 def event_sink(pm: pluggy.PluginManager) -> Callable[[str, str, str], None]:
     def sink(peer: str, state: str, reason: str) -> None:
-        pm.hook.ctun_session_state_changed(peer=peer, state=state, reason=reason)
+        if state in SESSION_STATES:
+            pm.hook.ctun_session_state_changed(peer=peer, state=state, reason=reason)
 
     return sink
 

@@ -436,12 +436,13 @@ class Lab:
         return proc
 
     def start_daemon(
-        self, *extra_args: str, name: str = "daemon", python: str = sys.executable
+        self, *extra_args: str, name: str = "daemon", python: str | None = None
     ) -> subprocess.Popen[bytes]:
         """Start the daemon in the host namespace; `python` picks the interpreter (and so the
-        installed ctun and plugins), e.g. a venv's."""
+        installed ctun and plugins), e.g. a venv's. None: sys.executable, read at call time
+        (not bound when this module loads), so tests can stand something in for it."""
         # --no-docker: the lab's "VM" has no engine; the machine's own one is not ours.
-        argv = [python, "-m", "ctun", "up", "--no-ui", "--no-docker",
+        argv = [python or sys.executable, "-m", "ctun", "up", "--no-ui", "--no-docker",
                 "--listen", str(HOST_UNDERLAY), "--route", str(CONTAINER_SUBNET),
                 "--key-file", str(self.key_file), *extra_args]  # fmt: skip
         return self.spawn(self.host_ns, argv, name)
@@ -451,7 +452,7 @@ class Lab:
         *extra_args: str,
         name: str = "agent",
         key_timeout: float = 10.0,
-        python: str = sys.executable,
+        python: str | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start the agent in the VM once the daemon has written the shared key file; `python`
         as for start_daemon()."""
@@ -459,7 +460,7 @@ class Lab:
             self.wait_until(self.key_file.exists, key_timeout, what=f"{self.key_file}")
         except AssertionError as exc:
             raise AssertionError(f"{exc}; daemon log:\n{self.log('daemon')}") from None
-        argv = [python, "-m", "ctun", "vm", "--host", str(HOST_UNDERLAY),
+        argv = [python or sys.executable, "-m", "ctun", "vm", "--host", str(HOST_UNDERLAY),
                 "--key-file", str(self.key_file), *extra_args]  # fmt: skip
         return self.spawn(self.vm_ns, argv, name)
 

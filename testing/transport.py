@@ -9,9 +9,12 @@ collects it) and set `transport_class`; every test method here then runs against
 What the suite assumes, and no more than the contract says:
 
 * Frames may arrive in any order: sets of frames are compared as multisets.
-* Every wait polls `fileno()` with a deadline; `receive()` is called only when it polled
-  readable (or once, to see that it does not block). A transport whose descriptor stays
-  readable while `receive()` keeps returning nothing fails: the engine's loop would spin.
+* Waiting is done as the engine's loop does it: poll `fileno()` with a deadline and call
+  `receive()` when it polls readable, servicing the other end of the pair meanwhile (a
+  transport may need its `receive()` called to finish a connect or flush a buffer). Only the
+  tests about `receive()` itself call it unpolled: that it does not block, that it does not
+  raise once a peer went away, that it returns [] after close(). A transport whose descriptor
+  stays readable while `receive()` keeps returning nothing fails: the engine would spin.
 * Loopback is lossless for the modest numbers used here, except that frames sent from
   several threads at once may be missing when, and only when, the sending transport's
   `stats()` counted as many failed sends (see `drop_counters`).

@@ -116,7 +116,7 @@ def test_dockerfile_takes_no_secret() -> None:
             for line in instructions if line.startswith("ARG ")}
     envs = {re.split(r"[=\s]", line.split(None, 1)[1])[0]
             for line in instructions if line.startswith("ENV ")}
-    assert args == {"BASE", "VERSION"}
+    assert args == {"BASE", "VERSION", "SOURCE"}
     assert envs == {"PYTHONPATH"}
     assert not [n for n in args | envs if SECRETISH.search(n)]
     assert 'ENTRYPOINT ["/opt/ctun/venv/bin/python", "-m", "ctun", "vm"]' in instructions
@@ -294,9 +294,10 @@ def test_image_is_labelled_and_holds_no_secret(built: Built) -> None:
     assert not [n for n in env_names if SECRETISH.search(n)]
     history = subprocess.run(["docker", "history", "--no-trunc", "--format", "{{.CreatedBy}}",
                               built.tag], capture_output=True, text=True, check=True).stdout
-    # Build args show in history as `|N NAME=value ...`: only BASE and VERSION may be there.
-    assert set(re.findall(r"\b([A-Z][A-Z0-9_]*)=", history)) <= {"BASE", "VERSION", "PATH",
-                                                                  "PYTHONPATH"}
+    # Build args show in history as `|N NAME=value ...`: BASE, VERSION and SOURCE (a digest of
+    # the package's files) may be there, nothing secret.
+    assert set(re.findall(r"\b([A-Z][A-Z0-9_]*)=", history)) <= {"BASE", "VERSION", "SOURCE",
+                                                                  "PATH", "PYTHONPATH"}
     assert not re.search(r"(?i)(secret|token|passw|psk|--key)", history)
     keys = docker_run("--entrypoint", "sh", built.tag, "-c",
                       "find / -xdev \\( -name '*.key' -o -path '/etc/ctun*' "

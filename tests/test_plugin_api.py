@@ -13,11 +13,12 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from ctun.core import hookspecs, plugins
+from ctun.core.contracts import Transport
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "plugins.md"
@@ -183,16 +184,55 @@ def test_ctun_plugins_with_everything_filtered_out_says_so() -> None:
     assert result.stdout.strip() == "no plugins are loaded (CTUN_PLUGINS=nothing-by-this-name)"
 
 
+def test_describe_a_plugin_registered_in_code_and_a_broken_one() -> None:
+    from types import SimpleNamespace
+
+    from ctun.core.hookspecs import hookimpl
+    from ctun.plugins.transport_udp import UdpTransport
+
+    def register(register: Callable[[type[Transport]], None]) -> None:
+        register(UdpTransport)
+
+    def broken(platform: str) -> None:
+        raise RuntimeError("no adapter today")
+
+    pm = plugins.create_manager(load_entry_points=False)
+    pm.register(SimpleNamespace(ctun_register_transports=hookimpl(register)), name="in-code")
+    pm.register(SimpleNamespace(ctun_platform_adapter=hookimpl(broken)), name="broken")
+    described = {p["name"]: p for p in plugins.describe(pm)}
+    assert described["in-code"] == {
+        "name": "in-code", "version": None, "distribution": None, "module": __name__,
+        "file": __file__, "hooks": ["ctun_register_transports"], "transports": ["udp"],
+        "platform_adapter": None, "errors": [],
+    }
+    assert described["broken"]["errors"] == [
+        "ctun_platform_adapter: RuntimeError: no adapter today"]
+    # Each plugin is asked alone: the broken adapter hook does not spoil the built-in's answer.
+    if sys.platform.startswith("linux"):
+        assert described["ctun.plugins.platform_linux"]["platform_adapter"] == "linux"
+
+
 # --- CTUN_TRACE_HOOKS -------------------------------------------------------------------
 
 
+LOOK_UP_UDP = ("from ctun.core import plugins; "
+               "print(plugins.transport(plugins.create_manager(), 'udp'))")
+
+
 def test_trace_hooks_traces_a_hook_call_to_stderr() -> None:
-    result = ctun("plugins", env={plugins.TRACE_ENV: "1"})
+    def look_up(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", LOOK_UP_UDP], capture_output=True,
+                              text=True, timeout=60, env={**os.environ, **env})
+
+    result = look_up({plugins.TRACE_ENV: "1"})
     assert result.returncode == 0, result.stderr
     # pluggy's trace: the call with its arguments, then what it returned.
     assert re.search(r"^ *ctun_register_transports \[hook\]$", result.stderr, re.M), result.stderr
-    assert re.search(r"^ *finish ctun_register_transports --> .*\[hook\]$", result.stderr, re.M)
+    assert re.search(r"^ +register: <function ", result.stderr, re.M)
+    assert re.search(r"^ *finish ctun_register_transports --> \[\] \[hook\]$", result.stderr,
+                     re.M)
     assert "[hook]" not in result.stdout  # the output itself stays clean for scripts
+    assert look_up({plugins.TRACE_ENV: "0"}).stderr == ""
 
 
 def test_trace_hooks_in_process(monkeypatch: pytest.MonkeyPatch,
