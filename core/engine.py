@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import queue
 import secrets
-import select
+import selectors
+import socket
 import threading
 import time
 from collections import Counter
@@ -159,7 +159,8 @@ class Engine:
         self._reported_drops: Counter[str] = Counter()
         self._next_drop_report = self.started + DROP_REPORT_EVERY
         self._stop = threading.Event()
-        self._wake_r, self._wake_w = os.pipe()
+        # A socket pair, not a pipe: Windows can only wait on sockets.
+        self._wake_r, self._wake_w = socket.socketpair()
         self._threads: list[threading.Thread] = []
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -184,7 +185,7 @@ class Engine:
             except Exception:
                 log.exception("engine thread %s failed; stopping", threading.current_thread().name)
                 self._stop.set()
-                os.write(self._wake_w, b"x")
+                self._wake_w.send(b"x")
 
         return run
 
@@ -198,13 +199,13 @@ class Engine:
             for peer in self.peers:
                 self._send_close(peer, reason)
         self._stop.set()
-        os.write(self._wake_w, b"x")
+        self._wake_w.send(b"x")
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=5)
         self._drain_events()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wake_r.close()
+        self._wake_w.close()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stop.wait(timeout)
@@ -212,12 +213,13 @@ class Engine:
     # --- interface -> network ----------------------------------------------------------
 
     def _interface_pump(self) -> None:
-        poller = select.poll()
-        poller.register(self.interface.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        # selectors, not poll(): the same code waits with epoll, kqueue or (Windows) select.
+        selector = selectors.DefaultSelector()
+        selector.register(self.interface.fileno(), selectors.EVENT_READ)
+        selector.register(self._wake_r, selectors.EVENT_READ)
         single = self.peers[0] if self.role is Role.VM else None
         while not self._stop.is_set():
-            if not poller.poll(1000):
+            if not selector.select(1.0):
                 continue
             packets = self.interface.read_packets(BATCH)
             if not packets:
@@ -260,16 +262,14 @@ class Engine:
     # --- network -> interface ----------------------------------------------------------
 
     def _network_pump(self) -> None:
-        poller = select.poll()
-        paths = {}
+        selector = selectors.DefaultSelector()
         for path, transport in enumerate(self.transports):
-            paths[transport.fileno()] = path
-            poller.register(transport.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+            selector.register(transport.fileno(), selectors.EVENT_READ, path)
+        selector.register(self._wake_r, selectors.EVENT_READ, None)
         while not self._stop.is_set():
-            ready = poller.poll(1000)
-            for fd, _events in ready:
-                ready_path = paths.get(fd)
+            ready = selector.select(1.0)
+            for key, _events in ready:
+                ready_path = key.data
                 if ready_path is None:
                     continue
                 frames = self.transports[ready_path].receive(BATCH)
