@@ -61,7 +61,15 @@ def transport_classes(pm: pluggy.PluginManager, name: str) -> list[type[Transpor
     """The transports to use, in order of preference: "auto" is UDP with TCP fallback;
     any other name pins that one transport."""
     if name == AUTO:
-        return [plugins.transport(pm, each) for each in AUTO_ORDER]
+        available = plugins.transports(pm)
+        chosen = [available[each] for each in AUTO_ORDER if each in available]
+        if not chosen:
+            raise plugins.PluginError("no udp or tcp transport is loaded; check CTUN_PLUGINS")
+        missing = [each for each in AUTO_ORDER if each not in available]
+        if missing:
+            log.warning("transport %s is not available here: no fallback to it",
+                        ", ".join(missing))
+        return chosen
     return [plugins.transport(pm, name)]
 
 

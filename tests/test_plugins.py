@@ -143,3 +143,20 @@ def _receive(transport: Transport) -> list[tuple[bytes, Endpoint]]:
     poller.register(transport.fileno(), select.POLLIN)
     assert poller.poll(2000), "nothing arrived within 2 s"
     return transport.receive()
+
+
+def test_auto_is_udp_then_tcp_and_degrades_to_what_is_loaded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ctun.core.runtime import transport_classes
+
+    pm = plugins.create_manager(load_entry_points=False)
+    assert transport_classes(pm, "auto") == [UdpTransport, TcpTransport]
+    assert transport_classes(pm, "tcp") == [TcpTransport]
+    # Where TCP cannot load (it needs Linux's epoll for now), auto means UDP alone, said once.
+    monkeypatch.setenv(plugins.ONLY_ENV, "transport_udp")
+    pm = plugins.create_manager(load_entry_points=False)
+    assert transport_classes(pm, "auto") == [UdpTransport]
+    assert "transport tcp is not available here" in caplog.text
+    with pytest.raises(plugins.PluginError, match="no transport named 'tcp'"):
+        transport_classes(pm, "tcp")

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from ...core.contracts import Transport
 from ...core.hookspecs import hookimpl
-from .transport import TcpTransport
 
-__all__ = ["TcpTransport"]
+# Built on epoll and timerfd: Linux only for now (the macOS/Windows hosts fall back to
+# UDP alone until a selectors-based variant exists; `ctun up` says so in its log).
+if sys.platform.startswith("linux"):
+    from .transport import TcpTransport
+
+    __all__ = ["TcpTransport"]
 
 
 @hookimpl
 def ctun_register_transports(register: Callable[[type[Transport]], None]) -> None:
-    register(TcpTransport)
+    if sys.platform.startswith("linux"):
+        register(TcpTransport)
