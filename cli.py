@@ -165,6 +165,13 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"{p['name']:<8} {p['state']:<11} {endpoint:<22} {age:>9} {rtt:>7} "
                      f"{p['rx_packets']:>9} {p['rx_bytes']:>11} {p['tx_packets']:>9} "
                      f"{p['tx_bytes']:>11}")
+        if p.get("transport"):
+            line = f"{'':<8} over {p['transport']}"
+            if p.get("switches"):
+                last = p["switches"][-1]
+                line += (f"; {p['switch_count']} switch(es), last {last['from']} -> "
+                         f"{last['to']}: {last['reason']}")
+            lines.append(line)
         if p["drops"]:
             drops = ", ".join(f"{k} {v}" for k, v in sorted(p["drops"].items()))
             lines.append(f"{'':<8} drops: {drops}")

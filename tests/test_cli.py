@@ -88,9 +88,14 @@ def test_status_formats_a_snapshot() -> None:
         "routes": ["172.18.0.0/16"],
         "peers": [{"name": "vm", "state": "up", "endpoint": ["127.0.0.1", 40000],
                    "handshake_age": 3.0, "rtt_ms": 0.25, "rx_packets": 1, "rx_bytes": 84,
-                   "tx_packets": 2, "tx_bytes": 168, "drops": {"replay": 1}}],
+                   "tx_packets": 2, "tx_bytes": 168, "drops": {"replay": 1},
+                   "transport": "tcp", "switch_count": 1,
+                   "switches": [{"from": "udp", "to": "tcp",
+                                 "reason": "keepalives stopped coming back over udp"}]}],
     })
     assert "vm       up" in text and "0.25" in text and "replay 1" in text
+    assert "over tcp; 1 switch(es), last udp -> tcp: keepalives stopped coming back over udp" \
+        in text
     assert "unauthenticated drops: short 2" in text and "172.18.0.0/16" in text
     with_docker = format_status({
         "role": "host", "version": "0.1.0", "interface": "ctun0", "transport": "udp",
