@@ -41,9 +41,16 @@ def _tunnel_flags(p: argparse.ArgumentParser, interface: str) -> None:
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ctun", description="Reach Docker Desktop containers by IP.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+class _CheckingParser(_Parser):
+    """Raises UserError instead of exiting: for checking arguments meant for later use."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(message)
+
+
+def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentParser:
+    parser = parser_class(prog="ctun", description="Reach Docker Desktop containers by IP.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=parser_class)
 
     sub.add_parser("version", help="print the version")
 
@@ -86,6 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stop after this long instead of waiting for Ctrl-C")
     demo.add_argument("--containers", type=int, default=2, metavar="N",
                       help="container namespaces to create (default 2)")
+
+    service = sub.add_parser("service", help="run the host daemon as a system service "
+                             "(systemd, launchd, Windows SCM)")
+    actions = service.add_subparsers(dest="service_action", metavar="ACTION", required=True,
+                                     parser_class=parser_class)
+    install = actions.add_parser(
+        "install", help="install (or update) the service and start it",
+        description="Install the service that runs `PYTHON -m ctun up --no-ui` as root at "
+                    "boot, or update it, then start it. Arguments after `--` go to `ctun up`.")
+    install.add_argument("--config", metavar="FILE",
+                         help="config file for the service (default: /etc/ctun/ctun.toml "
+                              "when the daemon starts, if it exists)")
+    install.add_argument("--python", metavar="PATH",
+                         help="interpreter that runs ctun (default: this one, "
+                              f"{sys.executable})")
+    install.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                         help="environment variable for the daemon, e.g. HTTPS_PROXY "
+                              "(repeatable; no secrets: service files are readable by all)")
+    install.add_argument("up_args", nargs="*", metavar="-- UP-ARG",
+                         help="more `ctun up` arguments, e.g. -- --log-level DEBUG")
+    actions.add_parser("uninstall", help="stop the service and remove what install created")
+    actions.add_parser("start", help="start the service")
+    actions.add_parser("stop", help="stop the service")
+    actions.add_parser("status", help="show the service manager's view of the service")
     return parser
 
 
@@ -269,6 +300,49 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(containers=args.containers, duration=args.duration)
 
 
+def _service(args: argparse.Namespace) -> int:
+    from .core import service
+
+    manager = service.manager_for()
+    action: str = args.service_action
+    manager.check(action)  # root and a usable service manager, before anything else
+    if action == "install":
+        print(manager.install(service.default_options(
+            python=args.python, config=args.config, extra_args=_checked_up_args(args.up_args),
+            environment=_environment(args.env))))
+    else:
+        print(getattr(manager, action)())
+    return 0
+
+
+def _checked_up_args(extra: list[str]) -> list[str]:
+    """The arguments the service adds to `ctun up --no-ui`, checked now: a typo found at
+    boot is a service that never starts."""
+    for arg in extra:
+        if arg == "--config" or arg.startswith("--config="):
+            raise UserError("pass the config file as `ctun service install --config FILE`")
+        if arg in ("-h", "--help"):
+            raise UserError(f"{arg} after `--` would go to `ctun up`; leave it out")
+    try:
+        parsed = build_parser(_CheckingParser).parse_args(["up", "--no-ui", *extra])
+    except UserError as exc:
+        raise UserError(f"`ctun up` arguments after --: {exc}") from None
+    if parsed.key_file and not os.path.isabs(parsed.key_file):
+        raise UserError(f"--key-file {parsed.key_file}: use an absolute path (the service "
+                        f"does not run in this directory)")
+    return extra
+
+
+def _environment(pairs: list[str]) -> dict[str, str]:
+    found = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UserError(f"--env {pair}: use NAME=VALUE")
+        found[name] = value
+    return found
+
+
 def _version(_args: argparse.Namespace) -> int:
     print(f"ctun {__version__}")
     return 0
@@ -282,6 +356,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "down": _down,
     "plugins": _plugins,
     "demo": _demo,
+    "service": _service,
 }
 
 
@@ -309,6 +384,7 @@ _USER_ERRORS = (
     ("ctun.core.contracts", "PlatformError"),
     ("ctun.core.control", "ControlError"),
     ("ctun.core.plugins", "PluginError"),
+    ("ctun.core.service", "ServiceError"),
 )
 
 

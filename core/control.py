@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,14 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def run_dir() -> Path:
-    return Path(os.environ.get("CTUN_RUN_DIR", "/run/ctun"))
+    """Sockets, locks and crash state: $CTUN_RUN_DIR, else the OS's usual place."""
+    if "CTUN_RUN_DIR" in os.environ:
+        return Path(os.environ["CTUN_RUN_DIR"])
+    if sys.platform == "darwin":
+        return Path("/var/run/ctun")  # /run does not exist there and cannot be created
+    if sys.platform == "win32":
+        return Path(os.environ.get("PROGRAMDATA", "C:\\ProgramData")) / "ctun"
+    return Path("/run/ctun")
 
 
 def socket_path(interface: str) -> Path:

@@ -86,7 +86,7 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
                 **routes.status(),
             }
 
-        runtime.serve(engine, adapter, stop, extra)
+        runtime.serve(engine, cfg.tunnel.interface, stop, extra)
 
 
 def _follow_docker(

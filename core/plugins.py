@@ -31,6 +31,7 @@ DEFAULT_PLUGINS = (
     "ctun.plugins.transport_udp",
     "ctun.plugins.transport_tcp",
     "ctun.plugins.platform_linux",
+    "ctun.plugins.platform_macos",
 )
 
 ENTRY_POINT_GROUP = "ctun"

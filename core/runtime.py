@@ -94,11 +94,15 @@ def event_sink(pm: pluggy.PluginManager) -> Callable[[str, str, str], None]:
 
 def serve(
     engine: Engine,
-    adapter: PlatformAdapter,
+    name: str,
     stop: threading.Event,
     extra_status: Callable[[], dict[str, Any]],
 ) -> None:
-    """Run the engine and its control socket until a signal or a shutdown request."""
+    """Run the engine and its control socket until a signal or a shutdown request.
+
+    The socket is named after the configured interface (`name`), which is what `ctun status
+    --interface` asks for; the OS may call the interface itself something else (utunN).
+    """
 
     def shutdown(_request: dict[str, Any]) -> dict[str, Any]:
         log.info("shutdown requested over the control socket")
@@ -109,7 +113,7 @@ def serve(
         "status": lambda _req: {"status": {**engine.snapshot(), **extra_status()}},
         "shutdown": shutdown,
     }
-    server = control.ControlServer(control.socket_path(engine.interface.name), handlers)
+    server = control.ControlServer(control.socket_path(name), handlers)
     engine.start()
     server.start()
     log.info("control socket at %s", server.path)

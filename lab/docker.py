@@ -22,7 +22,6 @@ machine without it; docker_missing() then says what is missing.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -38,24 +37,16 @@ import subprocess
 import tarfile
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from . import netns
-from .topology import (
-    _PREFIX_RE,
-    Lab,
-    _kill_all,
-    _namespace_pids,
-    _pid_alive,
-    _write_sysctl,
-    stop,
-    wait_until,
-)
+from . import netns, processes
+from .lock import PrefixLock
+from .processes import Processes, pid_alive, stop
+from .topology import _PREFIX_RE, Lab, _write_sysctl, wait_until
 
 # The docker SDK ships no type information: its objects are Any here, named for the reader.
 Client = Any
@@ -207,7 +198,7 @@ class Dockerd:
             pid = int(DOCKER_PIDFILE.read_text(encoding="ascii").strip())
         except (FileNotFoundError, ValueError):
             return None
-        return pid if _pid_alive(pid) else None
+        return pid if pid_alive(pid) else None
 
     # -- life cycle
 
@@ -261,7 +252,7 @@ class Dockerd:
                 ) from None
             self._proc = None
         else:
-            wait_until(lambda: not _pid_alive(pid), self.stop_timeout, interval=0.1,
+            wait_until(lambda: not pid_alive(pid), self.stop_timeout, interval=0.1,
                        what=f"dockerd ({pid}) to exit")  # fmt: skip
         wait_until(lambda: not self.answering(timeout=0.5), self.start_timeout, interval=0.1,
                    what="the docker socket to stop answering")  # fmt: skip
@@ -573,21 +564,24 @@ class DockerLab:
         tag = hashlib.sha256(prefix.encode()).hexdigest()[:6]
         self.vm_if = f"dkv-{tag}"  # root namespace, faces the host
         self.host_if = f"dkh-{tag}"  # host namespace, faces the VM
-        self.workdir = Path(tempfile.gettempdir()) / f"{prefix}.dlab.unset"
+        self._workdir_stem = f"{prefix}.dlab."
+        self.workdir = processes.placeholder_workdir(self._workdir_stem)
         self._dockerd = dockerd
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._logs: list[IO[bytes]] = []
-        self._lock: IO[bytes] | None = None
+        self._processes = Processes()
+        # One lock for every prefix: the underlay addresses in the root namespace are shared.
+        self._lock = PrefixLock(
+            Path(tempfile.gettempdir()) / "ctun-dockerlab.lock", busy="another DockerLab is alive"
+        )
 
     # -- paths and docker
 
     @property
     def run_dir(self) -> Path:
-        return self.workdir / "run"
+        return processes.run_dir(self.workdir)
 
     @property
     def state_dir(self) -> Path:
-        return self.workdir / "state"
+        return processes.state_dir(self.workdir)
 
     @property
     def dockerd(self) -> Dockerd:
@@ -614,18 +608,16 @@ class DockerLab:
 
     def create(self) -> None:
         """Remove what a crashed lab with this prefix left, then build the namespace."""
-        self._acquire_lock()
+        self._lock.acquire(self.lock_timeout)
         try:
             self._cleanup()
         except BaseException:
-            self._release_lock()
+            self._lock.release()
             raise
         with _created_lock:
             _created[self.prefix] = self
         try:
-            self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}.dlab."))
-            self.run_dir.mkdir()
-            self.state_dir.mkdir()
+            self.workdir = processes.make_workdir(self._workdir_stem)
             self._build_network()
         except BaseException:
             self.destroy()
@@ -634,11 +626,8 @@ class DockerLab:
     def destroy(self) -> None:
         """Stop the lab's processes, remove its labelled containers and networks (force), its
         namespace, veth and workdir. Idempotent; leaves unlabelled Docker objects alone."""
-        self._acquire_lock()
-        try:
+        with self._lock.holding(self.lock_timeout):
             self._cleanup()
-        finally:
-            self._release_lock()
 
     def leftovers(self) -> list[str]:
         """What of this lab exists now (for leak checks): namespace, link, Docker objects."""
@@ -653,60 +642,9 @@ class DockerLab:
     def _labelled(self, collection: Any, **kwargs: Any) -> list[Any]:
         return list(collection.list(filters={"label": f"{LABEL}={self.prefix}"}, **kwargs))
 
-    @property
-    def _lock_path(self) -> Path:
-        # One lock for every prefix: the underlay addresses in the root namespace are shared.
-        return Path(tempfile.gettempdir()) / "ctun-dockerlab.lock"
-
-    def _acquire_lock(self) -> None:
-        """As Lab._acquire_lock: flock, and retry if the holder unlinked the file meanwhile."""
-        if self._lock is not None:
-            return
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            f = open(self._lock_path, "a+b")  # noqa: SIM115 - held until _release_lock()
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.close()
-                if time.monotonic() >= deadline:
-                    raise RuntimeError(
-                        f"another DockerLab is alive (waited {self.lock_timeout}s for "
-                        f"{self._lock_path})"
-                    ) from None
-                time.sleep(0.1)
-                continue
-            try:
-                same = os.stat(self._lock_path).st_ino == os.fstat(f.fileno()).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._lock = f
-                return
-            f.close()
-
-    def _release_lock(self) -> None:
-        if self._lock is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            self._lock_path.unlink()
-        self._lock.close()
-        self._lock = None
-
     def _cleanup(self) -> None:
-        errors: list[str] = []
-        pids = {p.pid for p in self._procs if p.poll() is None}
-        if netns.exists(self.host_ns):
-            pids.update(_namespace_pids(self.host_ns))
-        pids.discard(os.getpid())
-        try:
-            _kill_all(pids, self.stop_timeout)
-        except RuntimeError as exc:
-            errors.append(str(exc))
-        self._procs = [p for p in self._procs if p.poll() is None]
-        for log in self._logs:
-            log.close()
-        self._logs.clear()
+        namespaces = [self.host_ns] if netns.exists(self.host_ns) else []
+        errors = self._processes.kill(namespaces, self.stop_timeout)
         try:
             self._remove_docker_objects()
         except Exception as exc:
@@ -720,8 +658,7 @@ class DockerLab:
         netns.delete(self.host_ns)
         if netns.exists(self.host_ns):
             errors.append(f"could not delete namespace {self.host_ns}")
-        for path in Path(tempfile.gettempdir()).glob(f"{self.prefix}.dlab.*"):
-            shutil.rmtree(path, ignore_errors=True)
+        processes.remove_workdirs(self._workdir_stem)
         if errors:
             raise RuntimeError(f"docker lab {self.prefix}: " + "; ".join(errors))
 
@@ -776,37 +713,13 @@ class DockerLab:
         self, argv: list[str], name: str, env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         """Run argv in the host namespace, output to workdir/<name>.log (like Lab.spawn)."""
-        full_env = dict(os.environ)
-        full_env.update(
-            CTUN_RUN_DIR=str(self.run_dir),
-            CTUN_STATE_DIR=str(self.state_dir),
-            PYTHONUNBUFFERED="1",
-        )
-        if env:
-            full_env.update(env)
-        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed by destroy()
-        self._logs.append(log)
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.host_ns, *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-            start_new_session=True,
-        )
-        self._procs.append(proc)
-        return proc
+        return self._processes.spawn(self.workdir, self.host_ns, argv, name, env)
 
     def log(self, name: str) -> str:
         """What process `name` has written so far ("" if it never started)."""
-        try:
-            return (self.workdir / f"{name}.log").read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
+        return processes.read_log(self.workdir, name)
 
-    @staticmethod
-    def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        return stop(proc, sig, timeout)
+    stop = staticmethod(stop)
 
     # -- probes from the host namespace
 

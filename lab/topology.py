@@ -18,14 +18,10 @@ debris of a crash and removes it, which must never happen to a lab another proce
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import os
 import re
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,10 +32,13 @@ from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, TypeVar
+from typing import TypeVar
 from urllib.parse import urlsplit
 
-from . import netns
+from . import netns, processes
+from .lock import PrefixLock
+from .processes import Processes
+from .processes import stop as stop  # still public here, as it always was
 
 T = TypeVar("T")
 
@@ -105,55 +104,6 @@ def wait_until(
         time.sleep(interval)
 
 
-def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-    """Send `sig`, escalate to SIGKILL if the process outlives `timeout`; return the exit code."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode
-
-
-def _pid_alive(pid: int) -> bool:
-    """True while `pid` runs. A zombie counts as gone: it holds no namespace or socket, and an
-    orphan's zombie may never be reaped when PID 1 is not a real init (as in containers)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    # The state follows the parenthesised command name, which may itself contain ") ".
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
-
-
-def _namespace_pids(name: str) -> list[int]:
-    result = subprocess.run(
-        ["ip", "netns", "pids", name], capture_output=True, text=True, check=False
-    )
-    return [int(tok) for tok in result.stdout.split() if tok.isdigit()]
-
-
-def _kill_all(pids: set[int], timeout: float) -> None:
-    """SIGTERM every pid, then SIGKILL whatever is still alive at the deadline."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + timeout
-        while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        pids = {p for p in pids if _pid_alive(p)}
-        if not pids:
-            return
-    raise RuntimeError(f"processes survived SIGKILL: {sorted(pids)}")
-
-
 class Lab:
     """Namespaces `<prefix>-host`, `-vm`, `-c1..cN` and `-atk`, wired like Docker Desktop."""
 
@@ -179,11 +129,15 @@ class Lab:
         self.host_underlay = HOST_UNDERLAY
         self.vm_underlay = VM_UNDERLAY
         self.atk_address = ATK_ADDRESS
+        self._workdir_stem = f"{prefix}.lab."
         # Placeholder until create() makes the real temp dir; nothing is written before that.
-        self.workdir = Path(tempfile.gettempdir()) / f"{prefix}.lab.unset"
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._logs: list[IO[bytes]] = []
-        self._lock: IO[bytes] | None = None
+        self.workdir = processes.placeholder_workdir(self._workdir_stem)
+        self._processes = Processes()
+        # Not "<prefix>.lab.*": that pattern is the workdirs, which cleanup deletes wholesale.
+        self._lock = PrefixLock(
+            Path(tempfile.gettempdir()) / f"{prefix}.lablock",
+            busy=f"lab {prefix} is in use by another live process",
+        )
 
         tag = hashlib.sha256(prefix.encode()).hexdigest()[:6]
         # At most 12 characters (vc250-xxxxxx), inside IFNAMSIZ (15).
@@ -202,11 +156,11 @@ class Lab:
 
     @property
     def run_dir(self) -> Path:
-        return self.workdir / "run"
+        return processes.run_dir(self.workdir)
 
     @property
     def state_dir(self) -> Path:
-        return self.workdir / "state"
+        return processes.state_dir(self.workdir)
 
     def greeting(self, index: int) -> str:
         """The body container `index` (0-based) serves at /."""
@@ -228,14 +182,12 @@ class Lab:
 
     def create(self) -> None:
         """Remove whatever an earlier lab with this prefix left, then build a fresh one."""
-        self._acquire_lock()
+        self._lock.acquire(self.lock_timeout)
         self._cleanup()
         with _created_lock:
             _created[self.prefix] = self
         try:
-            self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}.lab."))
-            self.run_dir.mkdir()
-            self.state_dir.mkdir()
+            self.workdir = processes.make_workdir(self._workdir_stem)
             self._build_network()
             self._start_http_servers()
         except BaseException:
@@ -246,83 +198,19 @@ class Lab:
         """Stop every process in the lab, delete its namespaces and its workdir. Idempotent,
         and works whatever a failed create() or a crashed process left with this prefix.
         """
-        self._acquire_lock()
-        try:
+        with self._lock.holding(self.lock_timeout):
             self._cleanup()
-        finally:
-            self._release_lock()
-
-    @property
-    def _lock_path(self) -> Path:
-        # Not "<prefix>.lab.*": that pattern is the workdirs, which cleanup deletes wholesale.
-        return Path(tempfile.gettempdir()) / f"{self.prefix}.lablock"
-
-    def _acquire_lock(self) -> None:
-        """Own the prefix. Two pytest sessions on one machine (or a test and the demo) would
-        otherwise tear down each other's namespaces as "stale"; the lock tells a crashed owner
-        (the kernel drops flocks of dead processes) from a live one, which we wait for.
-        """
-        if self._lock is not None:
-            return
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            f = open(self._lock_path, "a+b")  # noqa: SIM115 - held until _release_lock()
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.close()
-                if time.monotonic() >= deadline:
-                    raise RuntimeError(
-                        f"lab {self.prefix} is in use by another live process "
-                        f"(waited {self.lock_timeout}s for {self._lock_path})"
-                    ) from None
-                time.sleep(0.1)
-                continue
-            try:
-                same = os.stat(self._lock_path).st_ino == os.fstat(f.fileno()).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._lock = f
-                return
-            # The owner unlinked the file between our open() and flock(): we hold a lock on
-            # an orphaned inode that nobody else will ever see, so start over.
-            f.close()
-
-    def _release_lock(self) -> None:
-        if self._lock is None:
-            return
-        # Unlink while still holding the lock, so nothing remains behind; a waiter that opened
-        # the old inode notices it in _acquire_lock() and retries on a fresh file.
-        with contextlib.suppress(FileNotFoundError):
-            self._lock_path.unlink()
-        self._lock.close()
-        self._lock = None
 
     def _cleanup(self) -> None:
-        errors: list[str] = []
         namespaces = lab_namespaces(self.prefix)
-        pids = {p.pid for p in self._procs if p.poll() is None}
-        for name in namespaces:
-            pids.update(_namespace_pids(name))
-        pids.discard(os.getpid())
-        try:
-            _kill_all(pids, self.stop_timeout)
-        except RuntimeError as exc:  # e.g. stuck in uninterruptible sleep: clean up the rest
-            errors.append(str(exc))
-        # poll() reaps our dead children; keep only one that survived SIGKILL, if any.
-        self._procs = [p for p in self._procs if p.poll() is None]
-        for log in self._logs:
-            log.close()
-        self._logs.clear()
+        errors = self._processes.kill(namespaces, self.stop_timeout)
         for name in namespaces:
             netns.delete(name)
         still = lab_namespaces(self.prefix)
         if still:
             errors.append(f"could not delete namespaces: {still}")
         # Our own workdir, and any left by a crashed lab with the same prefix.
-        for path in Path(tempfile.gettempdir()).glob(f"{self.prefix}.lab.*"):
-            shutil.rmtree(path, ignore_errors=True)
+        processes.remove_workdirs(self._workdir_stem)
         if errors:
             raise RuntimeError(f"lab {self.prefix}: " + "; ".join(errors))
 
@@ -411,29 +299,7 @@ class Lab:
         self, ns: str, argv: list[str], name: str, env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         """Run argv inside `ns`, output to workdir/<name>.log (replacing an older one)."""
-        full_env = dict(os.environ)
-        full_env.update(
-            CTUN_RUN_DIR=str(self.run_dir),
-            CTUN_STATE_DIR=str(self.state_dir),
-            # Tests read logs while the process runs; block-buffered output would lag.
-            PYTHONUNBUFFERED="1",
-        )
-        if env:
-            full_env.update(env)
-        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed by destroy()
-        self._logs.append(log)
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-            # Own session: a Ctrl-C at the terminal then reaches only pytest, whose teardown
-            # stops the lab in order, rather than every daemon and agent at the same instant.
-            start_new_session=True,
-        )
-        self._procs.append(proc)
-        return proc
+        return self._processes.spawn(self.workdir, ns, argv, name, env)
 
     def start_daemon(
         self, *extra_args: str, name: str = "daemon", python: str | None = None
@@ -466,14 +332,9 @@ class Lab:
 
     def log(self, name: str) -> str:
         """What process `name` has written so far ("" if it never started)."""
-        try:
-            return (self.workdir / f"{name}.log").read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
+        return processes.read_log(self.workdir, name)
 
-    @staticmethod
-    def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        return stop(proc, sig, timeout)
+    stop = staticmethod(stop)
 
     wait_until = staticmethod(wait_until)
 

@@ -64,3 +64,15 @@ def test_any_request_line_gets_an_answer(line: bytes) -> None:
     assert answer["v"] == control.SCHEMA and isinstance(answer["ok"], bool)
     assert answer["ok"] == (answer.get("status") == 1)
     json.dumps(answer)
+
+
+@pytest.mark.parametrize(("platform", "expected"), [("linux", "/run/ctun"),
+                                                    ("darwin", "/var/run/ctun")])
+def test_run_dir_is_where_each_os_keeps_it(monkeypatch: pytest.MonkeyPatch, platform: str,
+                                           expected: str) -> None:
+    import sys
+
+    monkeypatch.delenv("CTUN_RUN_DIR", raising=False)
+    monkeypatch.setattr(sys, "platform", platform)
+    assert str(control.run_dir()) == expected
+    assert str(control.socket_path("ctun0")) == f"{expected}/ctun0.sock"

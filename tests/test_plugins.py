@@ -61,8 +61,11 @@ def test_builtins_load_through_the_hooks() -> None:
 
 def test_platform_adapter_follows_sys_platform() -> None:
     pm = plugins.create_manager(load_entry_points=False)
-    with pytest.raises(plugins.PluginError, match="no platform adapter supports 'darwin'"):
-        plugins.platform_adapter(pm, "darwin")
+    with pytest.raises(plugins.PluginError, match="no platform adapter supports 'sunos5'"):
+        plugins.platform_adapter(pm, "sunos5")
+    from ctun.plugins.platform_macos.adapter import MacOSAdapter
+
+    assert isinstance(plugins.platform_adapter(pm, "darwin"), MacOSAdapter)
     assert isinstance(plugins.platform_adapter(pm), LinuxAdapter) == sys.platform.startswith(
         "linux")
 

@@ -68,7 +68,7 @@ def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> No
             return {"remote": [cfg.host, cfg.port], "routes": [str(r) for r in adapter.routes()],
                     **forwarding.status()}
 
-        runtime.serve(engine, adapter, stop, extra)
+        runtime.serve(engine, cfg.tunnel.interface, stop, extra)
 
 
 def _firewall(tun: str) -> Firewall | None:

@@ -348,8 +348,10 @@ class LinuxAdapter(PlatformAdapter):
                     int(link["index"]): link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
                 }
                 for rt in _main_routes(ipr):
-                    if int(rt["dst_len"]) == 0:
-                        continue  # the default route overlaps everything by design
+                    if int(rt["dst_len"]) <= 1:
+                        # The default route, or a full-tunnel VPN's 0/1 + 128/1 pair: both
+                        # overlap everything by design, and our more specific routes win.
+                        continue
                     if self._ifindex is not None and rt.get_attr("RTA_OIF") == self._ifindex:
                         continue
                     if _route_network(rt).overlaps(network):
