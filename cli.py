@@ -136,8 +136,19 @@ _COMMON = ("addr", "port", "mtu", "interface", "transport", "key_file", "keepali
            "dead_after", "rekey_after")
 
 
+def _is_admin() -> bool:
+    if sys.platform == "win32":
+        import ctypes
+
+        return bool(ctypes.windll.shell32.IsUserAnAdmin())
+    return os.geteuid() == 0
+
+
 def _require_root(what: str) -> None:
-    if os.geteuid() != 0:
+    if not _is_admin():
+        if sys.platform == "win32":
+            raise UserError(f"{what} needs an elevated (Administrator) prompt: it creates "
+                            f"routes and configures the TAP adapter")
         raise UserError(f"{what} needs root (it creates a network interface): "
                         f"run it with sudo")
 

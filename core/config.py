@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import stat
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -48,8 +49,13 @@ __all__ = [
     "read_key",
 ]
 
-DEFAULT_CONFIG_PATH = Path("/etc/ctun/ctun.toml")
-DEFAULT_STATE_DIR = Path("/var/lib/ctun")
+if sys.platform == "win32":  # no /etc or /var there: the machine-wide data folder
+    _PROGRAM_DATA = Path(os.environ.get("PROGRAMDATA", "C:\\ProgramData")) / "ctun"
+    DEFAULT_CONFIG_PATH = _PROGRAM_DATA / "ctun.toml"
+    DEFAULT_STATE_DIR = _PROGRAM_DATA / "state"
+else:
+    DEFAULT_CONFIG_PATH = Path("/etc/ctun/ctun.toml")
+    DEFAULT_STATE_DIR = Path("/var/lib/ctun")
 STATE_DIR_ENV = "CTUN_STATE_DIR"
 # The agent container gets its key this way: environment, never argv (visible in ps).
 KEY_ENV = "CTUN_KEY"

@@ -32,6 +32,7 @@ DEFAULT_PLUGINS = (
     "ctun.plugins.transport_tcp",
     "ctun.plugins.platform_linux",
     "ctun.plugins.platform_macos",
+    "ctun.plugins.platform_windows",
 )
 
 ENTRY_POINT_GROUP = "ctun"

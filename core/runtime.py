@@ -23,7 +23,9 @@ log = logging.getLogger("ctun")
 def stop_on_signals() -> Iterator[threading.Event]:
     """An event set by SIGINT/SIGTERM (and SIGHUP: the terminal went away)."""
     stop = threading.Event()
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # SIGHUP does not exist on Windows.
+    signals = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+               if hasattr(signal, name)]
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)

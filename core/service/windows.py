@@ -3,7 +3,7 @@
 LIMITATION: the SCM expects the service process to answer it (StartServiceCtrlDispatcher,
 then SERVICE_RUNNING and stop requests). `python -m ctun up --no-ui` is a plain console
 program that does not, so `sc.exe start ctun` ends in error 1053 ("did not respond in a
-timely fashion") and the SCM gives up on the process. The registration, recovery policy and
+timely fashion"): the SCM counts the start as failed. The registration, recovery policy and
 removal here are complete; the missing piece is a service entry point (pywin32's
 servicemanager / win32serviceutil.ServiceFramework, or a small ctypes dispatcher) that
 runs the daemon and turns SERVICE_CONTROL_STOP into its stop event. See docs/services.md.

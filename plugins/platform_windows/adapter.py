@@ -254,9 +254,10 @@ class WindowsRunState:
                     f"interface {ifname} is in use by another running ctun "
                     f"(pid {_read_pid(fd)}); stop it or pick another interface name"
                 )
-            os.ftruncate(fd, 0)
+            # Fixed width, so it overwrites an earlier owner's pid without truncating a
+            # file that has a lock on it.
             os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            os.write(fd, f"{os.getpid():<20}\n".encode())
         except BaseException:
             os.close(fd)
             raise
@@ -451,9 +452,14 @@ class WindowsAdapter(PlatformAdapter):
             else:
                 try:
                     device.set_media_status(False)
+                    cleaned.append(
+                        f"reset the media status of TAP adapter {info} left by {who}"
+                    )
+                except PlatformError as exc:
+                    # Not fatal: closing the handle unplugs it, and the next open resets it.
+                    log.warning("%s", exc)
                 finally:
                     device.close()
-                cleaned.append(f"reset the media status of TAP adapter {info} left by {who}")
         run_state.remove_record()
         cleaned.append(f"removed state file {run_state.state_path} left by {who}")
         return cleaned
@@ -501,6 +507,7 @@ class WindowsAdapter(PlatformAdapter):
         name = device.info.name
         device.config_tun(local, link.network_address, link.netmask)
         device.set_media_status(True)
+        tap.start()  # reads fail while the cable is unplugged, so only now
         try:
             # netsh's positional order: name, source, address, mask[, gateway]. No gateway.
             self._run_cmd(

@@ -9,7 +9,12 @@ every route into the adapter goes *via the peer* (see adapter.py).
 
 Windows cannot select() on a device handle, only on sockets. So a TapInterface runs one
 reader thread doing overlapped reads into a bounded queue, and signals the engine through a
-socket pair: one byte per batch on one end, the other end is what fileno() returns.
+socket pair: one byte per batch on one end, the other end is what fileno() returns. The
+thread starts once the virtual cable is connected: the driver fails every read and write
+while it is not.
+
+Every control code is sent with non-empty input and output buffers: the driver's
+IRP_MJ_DEVICE_CONTROL handler rejects either being empty with STATUS_INVALID_PARAMETER.
 """
 
 from __future__ import annotations
@@ -184,7 +189,9 @@ class TapDevice:
             ) from exc
 
     def _ulongs(self, code: int, count: int) -> tuple[int, ...]:
-        out = self.ioctl(code, b"", 4 * count)
+        # The driver fails any control code whose input or output buffer is empty, so the
+        # queries send a zeroed input as large as the answer (as OpenVPN does).
+        out = self.ioctl(code, bytes(4 * count), 4 * count)
         if len(out) < 4 * count:
             raise PlatformError(
                 f"TAP adapter {self.info.name}: {IOCTL_NAMES[code]} returned {len(out)} "
@@ -273,7 +280,19 @@ class TapInterface(VirtualInterface):
         self._wake_w.setblocking(False)
         self._reader = threading.Thread(target=self._read_loop, name=f"ctun-tap-{name}",
                                         daemon=True)
-        self._reader.start()
+        self._started = False
+
+    def start(self) -> None:
+        """Start the reader thread. Only once the virtual cable is connected: the driver
+        fails every read and write while it is not (tapAdapterReadAndWriteReady)."""
+        self._check_open()
+        if not self._started:
+            self._started = True
+            self._reader.start()
+
+    @property
+    def started(self) -> bool:
+        return self._started
 
     @property
     def closed(self) -> bool:
@@ -290,7 +309,7 @@ class TapInterface(VirtualInterface):
         while not self._stopping.is_set():
             try:
                 packet = device.api.read_file(device.handle, READ_SIZE, self.read_wait)
-            except OSError as exc:
+            except Exception as exc:  # whatever it is, the engine must hear of it
                 if not self._stopping.is_set():
                     text = exc.message if isinstance(exc, WinApiError) else str(exc)
                     self._fail(f"reading from TAP adapter {device.info.name} failed: {text}")
@@ -358,6 +377,8 @@ class TapInterface(VirtualInterface):
         if self._stopping.is_set():
             return
         self._stopping.set()
+        if not self._started:
+            return
         with contextlib.suppress(OSError):
             self.device.api.cancel_io(self.device.handle)
         self._reader.join(timeout=max(2.0, 4 * self.read_wait))
