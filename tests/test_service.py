@@ -448,7 +448,7 @@ def test_launchd_start_stop_status(tmp_path: Path) -> None:
 
 # --- Windows -------------------------------------------------------------------------------
 
-WIN_BIN = f'"{WIN_PYTHON}" -m ctun up --no-ui'
+WIN_BIN = f'"{WIN_PYTHON}" -m ctun.core.service.winsvc --no-ui'
 
 
 def test_windows_install_creates_the_service_with_sc_exe(tmp_path: Path) -> None:
@@ -464,10 +464,14 @@ def test_windows_install_creates_the_service_with_sc_exe(tmp_path: Path) -> None
     ]
     # The command line Windows gets: the interpreter quoted inside the quoted binPath.
     assert subprocess.list2cmdline(runner.calls[0]) == (
-        r'sc.exe create ctun binPath= "\"C:\Program Files\Python311\python.exe\" -m ctun up '
-        r'--no-ui" start= auto DisplayName= ctun')
+        r'sc.exe create ctun binPath= "\"C:\Program Files\Python311\python.exe\" -m '
+        r'ctun.core.service.winsvc --no-ui" start= auto DisplayName= ctun')
     assert manifest(tmp_path)["files"] == []
-    assert windows.SCM_LIMITATION in message.splitlines()
+    # The entry point answers the SCM: no 1053 warning any more, and the log file is named.
+    assert "1053" not in message and "warning" not in message
+    assert (r'runs: "C:\Program Files\Python311\python.exe" -m ctun.core.service.winsvc '
+            r'--no-ui') in message.splitlines()
+    assert r"logs: %ProgramData%\ctun\ctun.log;" in message
 
 
 def test_windows_update_uninstall_start_stop_status(tmp_path: Path) -> None:

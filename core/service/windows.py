@@ -1,12 +1,9 @@
 """Windows: a service registered with the service control manager (SCM) through sc.exe.
 
-LIMITATION: the SCM expects the service process to answer it (StartServiceCtrlDispatcher,
-then SERVICE_RUNNING and stop requests). `python -m ctun up --no-ui` is a plain console
-program that does not, so `sc.exe start ctun` ends in error 1053 ("did not respond in a
-timely fashion"): the SCM counts the start as failed. The registration, recovery policy and
-removal here are complete; the missing piece is a service entry point (pywin32's
-servicemanager / win32serviceutil.ServiceFramework, or a small ctypes dispatcher) that
-runs the daemon and turns SERVICE_CONTROL_STOP into its stop event. See docs/services.md.
+The service runs `PYTHON -m ctun.core.service.winsvc --no-ui [--config FILE] [EXTRA...]`,
+not `-m ctun up`: the SCM needs a process that connects to it (StartServiceCtrlDispatcherW),
+reports its state and answers SERVICE_CONTROL_STOP, which winsvc does around the same daemon
+(a plain console program would end in error 1053). See docs/services.md.
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ from . import (
     ServiceManager,
     ServiceOptions,
     execute,
+    winsvc,
 )
 
 SERVICE = "ctun"
@@ -32,9 +30,7 @@ DESCRIPTION = "Reach Docker Desktop containers by IP (ctun host daemon)"
 ERROR_SERVICE_DOES_NOT_EXIST = 1060
 ERROR_SERVICE_NOT_ACTIVE = 1062
 
-SCM_LIMITATION = (
-    "warning: ctun does not answer the Windows service control manager yet, so the "
-    "service fails to start (error 1053); see docs/services.md")
+ENTRY_MODULE = "ctun.core.service.winsvc"
 
 
 def run(argv: Sequence[str]) -> Completed:
@@ -42,9 +38,17 @@ def run(argv: Sequence[str]) -> Completed:
     return execute(argv)
 
 
+def service_argv(argv: Sequence[str]) -> list[str]:
+    """`PYTHON -m ctun up --no-ui ...` (ServiceOptions.argv) as the service runs it: the
+    same `ctun up` arguments behind the entry point that speaks to the SCM."""
+    if list(argv[1:5]) == ["-m", "ctun", "up", "--no-ui"]:
+        return [argv[0], "-m", ENTRY_MODULE, *argv[4:]]
+    return list(argv)
+
+
 def bin_path(options: ServiceOptions) -> str:
     """The service's command line, interpreter quoted, as the SCM stores it."""
-    argv = options.argv()
+    argv = service_argv(options.argv())
     return f'"{argv[0]}" ' + subprocess.list2cmdline(argv[1:])
 
 
@@ -62,12 +66,15 @@ class WindowsManager(ServiceManager):
         super()._check_options(options)
         if '"' in options.python:
             raise ServiceError(f"the interpreter path {options.python!r} contains a quote")
+        # sc.exe cannot set a service's environment (that is the registry value
+        # Services\ctun\Environment), whatever the entry point.
         if options.environment:
             raise ServiceError("environment variables for the Windows service are not "
                                "supported: set them system-wide instead")
 
     def _show(self, argv: Sequence[str]) -> str:
-        return subprocess.list2cmdline(argv)
+        # install's "runs:" line shows options.argv(); show what the SCM really runs.
+        return subprocess.list2cmdline(service_argv(argv))
 
     def _render(self, options: ServiceOptions) -> list[ServiceFile]:
         return []  # the SCM keeps the definition in the registry
@@ -82,12 +89,11 @@ class WindowsManager(ServiceManager):
         # Restart 5 s after a crash; the failure count resets after 60 s of running.
         self._run(["sc.exe", "failure", SERVICE, "reset=", "60", "actions=", "restart/5000"])
         if updating:
+            # Not restarted here: `sc.exe stop` only asks (STOP_PENDING), and a `sc.exe start`
+            # right after it fails (1056) until the daemon has torn down.
             return "updated its definition (restart it to apply: ctun service stop, then start)"
         self._run(["sc.exe", "start", SERVICE])
         return "registered it (automatic start) and asked the SCM to start it"
-
-    def _notes(self, options: ServiceOptions) -> list[str]:
-        return [SCM_LIMITATION]
 
     def _deactivate(self) -> list[str]:
         self._call(["sc.exe", "stop", SERVICE])  # fails when it is not running: fine
@@ -112,4 +118,5 @@ class WindowsManager(ServiceManager):
         return done.output
 
     def _logs_hint(self) -> str:
-        return "Event Viewer, Windows Logs > System (source: Service Control Manager)"
+        return (f"{winsvc.LOG_HINT}; the SCM's own events in Event Viewer, "
+                f"Windows Logs > System (source: Service Control Manager)")
