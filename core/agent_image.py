@@ -59,7 +59,9 @@ DOCKERFILE = PACKAGE_DIR / "vm" / "Dockerfile"
 # Never part of the image, even if one of them held an __init__.py.
 _SKIP_DIRS = frozenset({"tests", "build", "dist", "__pycache__", ".venv", "venv"})
 
-_PROBE = "import platform, sys; print('%d.%d' % sys.version_info[:2], platform.machine())"
+_PROBE = ("import platform, sys; print('%d.%d' % sys.version_info[:2], platform.machine(), "
+          "platform.libc_ver()[1] or '0')")
+OLDEST_MANYLINUX = 17  # manylinux2014 = glibc 2.17: every wheel we accept is at least that
 _PIP_TIMEOUT = 900  # seconds for one `pip download`: slow mirrors, but never a hung daemon
 
 
@@ -139,9 +141,10 @@ def runtime_requirements() -> list[str]:
     return found
 
 
-def base_python(client: Any, base: str) -> tuple[str, str]:
-    """(Python version like "3.11", machine like "x86_64") of the base image's `python3`,
-    asked in a throwaway container (no network; removed afterwards)."""
+def base_python(client: Any, base: str) -> tuple[str, str, str]:
+    """(Python version like "3.11", machine like "x86_64", glibc like "2.36" or "0" when it
+    has none) of the base image's `python3`, asked in a throwaway container (no network;
+    removed afterwards). The glibc decides which manylinux wheels will run there."""
     try:
         client.images.get(base)
     except ImageNotFound:
@@ -175,7 +178,7 @@ def base_python(client: Any, base: str) -> tuple[str, str]:
             container.remove(force=True)
         except (DockerException, OSError):
             log.debug("removing the probe container of %s failed", base, exc_info=True)
-    match = re.fullmatch(r"(\d+)\.(\d+) (\S+)", out)
+    match = re.fullmatch(r"(\d+)\.(\d+) (\S+) (\S+)", out)
     if status != 0 or match is None:
         raise ImageError(
             f"base image {base}: python3 failed ({_one_line(out)[-200:] or f'status {status}'})"
@@ -187,7 +190,7 @@ def base_python(client: Any, base: str) -> tuple[str, str]:
             f"base image {base} has Python {version[0]}.{version[1]}; "
             f"ctun needs {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer: pass another base"
         )
-    return f"{version[0]}.{version[1]}", match[3]
+    return f"{version[0]}.{version[1]}", match[3], match[4]
 
 
 def _wheel_requires(path: Path) -> list[str] | None:
@@ -256,8 +259,19 @@ def _pip_failure(stderr: str, requirements: list[str]) -> tuple[str, str]:
     return " ".join(requirements), last
 
 
+def manylinux_platforms(machine: str, glibc: str) -> list[str]:
+    """pip --platform tags for wheels that run on this glibc: every manylinux_2_N from the
+    base's own glibc down to 2.17 (newest first), plus the legacy manylinux2014 name."""
+    found = re.fullmatch(r"2\.(\d+)", glibc)
+    newest = int(found[1]) if found else OLDEST_MANYLINUX
+    tags = [f"manylinux_2_{minor}_{machine}"
+            for minor in range(max(newest, OLDEST_MANYLINUX), OLDEST_MANYLINUX - 1, -1)]
+    return [*tags, f"manylinux2014_{machine}"]
+
+
 def download_wheels(
-    dest: Path, requirements: list[str], python_version: str, machine: str
+    dest: Path, requirements: list[str], python_version: str, machine: str,
+    glibc: str = "2.17",
 ) -> None:
     """Fill dest with wheels of the requirements and their dependencies for CPython
     python_version on Linux/machine. Nothing is fetched when dest already holds them."""
@@ -270,9 +284,8 @@ def download_wheels(
     with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
         argv = [
             sys.executable, "-m", "pip", "download", "--only-binary=:all:",
-            "--platform", f"manylinux_2_28_{machine}",
-            "--platform", f"manylinux2014_{machine}",
-            "--platform", f"manylinux_2_17_{machine}",
+            *(arg for tag in manylinux_platforms(machine, glibc)
+              for arg in ("--platform", tag)),
             "--python-version", python_version, "--implementation", "cp",
             "--disable-pip-version-check", "--no-input", "-d", tmp, *requirements,
         ]
@@ -445,9 +458,10 @@ def ensure_image(
         raise ImageError(f"cannot ask the engine for {tag}: {_one_line(exc)}") from None
     if current and not force:
         return tag
-    python_version, machine = base_python(client, base)
-    wheels = (cache_dir or default_state_dir() / "wheels") / f"{python_version}-{machine}"
-    download_wheels(wheels, runtime_requirements(), python_version, machine)
+    python_version, machine, glibc = base_python(client, base)
+    wheels = (cache_dir or default_state_dir() / "wheels") / \
+        f"{python_version}-{machine}-glibc{glibc}"
+    download_wheels(wheels, runtime_requirements(), python_version, machine, glibc)
     log.info("building %s on %s (Python %s, %s)", tag, base, python_version, machine)
     image = _build(client, build_context(wheels), tag,
                    {"BASE": base, "VERSION": __version__, "SOURCE": source})

@@ -314,8 +314,9 @@ def test_base_python_reports_version_and_machine(dockerd: Dockerd, python_base_i
         return {container.id for container in found}
 
     before = probes()
-    version, machine = agent_image.base_python(client, python_base_image)
+    version, machine, glibc = agent_image.base_python(client, python_base_image)
     assert re.fullmatch(r"3\.\d+", version) and int(version.split(".")[1]) >= 11
+    assert glibc == "2.36"  # Debian bookworm
     assert machine == platform.machine()  # a local engine: the host's own machine
     assert probes() <= before, "the probe container is removed"
 
@@ -350,3 +351,14 @@ def test_failed_build_names_the_step_and_leaves_no_layers(
     base_id = client.images.get(python_base_image).id
     left = [i for i in _dangling(client) - before if _descends_from(client, i, base_id)]
     assert left == []
+
+
+def test_wheels_match_the_base_glibc() -> None:
+    """A bookworm base (glibc 2.36) takes manylinux_2_34 wheels, the newest some projects ship
+    (cryptography does); an older base never gets wheels newer than its glibc."""
+    tags = agent_image.manylinux_platforms("x86_64", "2.36")
+    assert tags[0] == "manylinux_2_36_x86_64" and "manylinux_2_34_x86_64" in tags
+    assert tags[-2:] == ["manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+    assert "manylinux_2_34_aarch64" not in agent_image.manylinux_platforms("aarch64", "2.31")
+    assert agent_image.manylinux_platforms("x86_64", "0") == [
+        "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
