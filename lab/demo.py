@@ -71,7 +71,9 @@ def _run(lab: Lab, duration: float | None) -> int:
         for name, proc in (("daemon", daemon), ("agent", agent)):
             say(f"\n--- {name} log (exit status {proc.poll()}) ---\n{lab.log(name)}")
         return 1
-    say("   tunnel up: encrypted UDP 10.251.0.1:2511, routes 172.18.0.0/16 -> ctun0")
+    transport = status(lab, VM_IF)["peers"][0]["transport"]
+    say(f"   tunnel up: encrypted, over {transport.upper()} to 10.251.0.1:2511; "
+        f"route {lab.container_subnet} -> {HOST_IF}")
 
     say("\n3. through ctun, from the host:")
     ok = True
