@@ -224,6 +224,13 @@ def format_status(status: dict[str, Any]) -> str:
     if docker:
         reason = f" ({docker['error']})" if docker.get("error") else ""
         lines.append(f"docker: {docker['state']}{reason}   agent: {status.get('agent', '-')}")
+    view = status.get("agent_view") or {}
+    if view.get("firewall"):
+        fw = view["firewall"]
+        state = f"error: {fw['error']}" if fw.get("error") else \
+            f"{fw.get('backend')}, {fw.get('rules')} rules"
+        bridges = ", ".join(f"{k} -> {v}" for k, v in sorted(view.get("bridges", {}).items()))
+        lines.append(f"agent firewall: {state}" + (f"; bridges: {bridges}" if bridges else ""))
     if status.get("route_table"):
         lines.append(f"{'SUBNET':<20} {'SOURCE':<28} {'STATE':<16} DETAIL")
         for d in status["route_table"]:

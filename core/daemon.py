@@ -10,7 +10,7 @@ from typing import Any
 import pluggy
 
 from .. import __version__
-from . import runtime
+from . import messages, runtime
 from .agent_container import AgentContainer
 from .config import VM_PEER, HostConfig
 from .contracts import PlatformError
@@ -63,9 +63,18 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
                 routes.push()  # a new agent knows nothing yet
             plugin_sink(peer, state, reason)
 
+        agent_view: dict[str, Any] = {}
+
+        def on_control(peer: str, message: messages.ControlMessage) -> None:
+            # Network thread: just keep it; the status request reads it.
+            if peer == VM_PEER and message.kind == "agent_status":
+                agent_view.clear()
+                agent_view.update(message.body)
+
         engine = Engine(
             Role.HOST, interface, transports, peer_specs(cfg), cfg.tunnel.mtu,
             runtime.engine_timers(cfg), name="host", version=__version__, on_event=on_event,
+            on_control=on_control,
         )
         routes = HostRoutes(adapter, engine, cfg)
         routes.start()
@@ -83,6 +92,7 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
                 "configured_routes": [str(r) for r in cfg.routes],
                 "config": cfg.source,
                 "agent": agent.state if agent else "not managed",
+                "agent_view": dict(agent_view),
                 **routes.status(),
             }
 

@@ -16,7 +16,8 @@ from .protocol import Drop, Dropped
 SCHEMA = 1
 MAX_CONTROL = 1200  # fits one frame at the smallest MTU we allow, with room to spare
 
-KINDS = ("hello", "ack", "close_reason", "routes")
+KINDS = ("hello", "ack", "close_reason", "routes", "agent_status")
+MAX_BRIDGES = 64  # subnet -> bridge entries an agent reports (more would not fit a frame)
 ROUTES_PER_PART = 40  # 40 CIDRs of up to 18 characters stay well inside MAX_CONTROL
 MAX_PARTS = 64
 MAX_EPOCH = 1 << 53  # JSON numbers are exact up to here
@@ -56,7 +57,33 @@ def _valid_body(kind: str, body: dict[str, Any]) -> bool:
         return _short_str(body.get("reason"), 200)
     if kind == "routes":
         return _valid_routes(body)
+    if kind == "agent_status":
+        return _valid_agent_status(body)
     return kind == "ack"
+
+
+def _valid_agent_status(body: dict[str, Any]) -> bool:
+    """The VM side's view for the host's status: its firewall and which bridge serves what."""
+    firewall, bridges = body.get("firewall"), body.get("bridges")
+    if not isinstance(firewall, dict) or not isinstance(bridges, dict):
+        return False
+    backend, rules, error = firewall.get("backend"), firewall.get("rules"), firewall.get("error")
+    if backend is not None and not _short_str(backend, 32):
+        return False
+    if type(rules) is not int or not 0 <= rules <= 10_000:
+        return False
+    if not isinstance(error, str) or len(error) > 300 or not error.isprintable():
+        return False
+    if len(bridges) > MAX_BRIDGES:
+        return False
+    for subnet, bridge in bridges.items():
+        if not _short_str(bridge, 15):
+            return False
+        try:
+            IPv4Network(subnet)
+        except ValueError:
+            return False
+    return True
 
 
 def _valid_routes(body: dict[str, Any]) -> bool:

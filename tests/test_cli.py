@@ -105,5 +105,19 @@ def test_status_formats_a_snapshot() -> None:
                          "state": "conflict", "detail": "overlaps the host route 10.0.0.0/8"}],
     })
     assert "docker: down (cannot reach the engine)   agent: running" in with_docker
+    viewed = format_status({
+        "role": "host", "version": "0.1.0", "interface": "ctun0", "transport": "udp",
+        "local_endpoint": ["127.0.0.1", 2511], "uptime": 1.0, "drops": {}, "peers": [],
+        "agent_view": {"firewall": {"backend": "iptables-nft", "rules": 4, "error": ""},
+                       "bridges": {"172.17.0.0/16": "docker0"}},
+    })
+    assert "agent firewall: iptables-nft, 4 rules; bridges: 172.17.0.0/16 -> docker0" in viewed
+    broken = format_status({
+        "role": "host", "version": "0.1.0", "interface": "ctun0", "transport": "udp",
+        "local_endpoint": ["127.0.0.1", 2511], "uptime": 1.0, "drops": {}, "peers": [],
+        "agent_view": {"firewall": {"backend": None, "rules": 0,
+                                    "error": "iptables is not installed"}, "bridges": {}},
+    })
+    assert "agent firewall: error: iptables is not installed" in broken
     assert "10.9.0.0/24" in with_docker and "docker:kafka" in with_docker
     assert "overlaps the host route 10.0.0.0/8" in with_docker

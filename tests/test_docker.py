@@ -128,6 +128,13 @@ def test_containers_on_every_network_are_reachable_without_a_route_by_hand(
             assert table[subnet]["state"] == "active"
             assert table[subnet]["source"] == f"docker:{name}"
         assert status(lab)["docker"]["state"] == "up"
+        # What the agent sees inside the VM reaches the host's status.
+        lab.wait_until(lambda: len(status(lab).get("agent_view", {}).get("bridges", {})) == 3,
+                       10, what="the agent's report")
+        view = status(lab)["agent_view"]
+        assert view["bridges"]["172.17.0.0/16"] == "docker0"
+        assert view["bridges"]["10.210.1.0/24"] == f"br-{one.id[:12]}"
+        assert view["firewall"] == {"backend": "iptables-nft", "rules": 6, "error": ""}
     finally:
         running.down()
 

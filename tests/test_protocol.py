@@ -1074,7 +1074,78 @@ def ref_valid_control(obj: Any) -> bool:
         )
     if kind == "close_reason":
         return short(obj.get("reason"), 200)
+    if kind == "routes":
+        return ref_valid_routes(obj)
+    if kind == "agent_status":
+        return ref_valid_agent_status(obj)
     return True
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _is_ipv4_network(text: Any) -> bool:
+    try:
+        ipaddress.IPv4Network(text)
+    except (ValueError, TypeError):
+        return False
+    return isinstance(text, str) and len(text) <= 18
+
+
+def ref_valid_routes(obj: dict[str, Any]) -> bool:
+    gen, part, parts, routes = (obj.get(k) for k in ("gen", "part", "parts", "routes"))
+    return (all(_is_int(n) for n in (gen, part, parts)) and isinstance(routes, list)
+            and 0 < gen < 2**53 and 0 < parts <= 64 and 0 <= part < parts
+            and len(routes) <= 40 and all(_is_ipv4_network(r) for r in routes))
+
+
+def ref_valid_agent_status(obj: dict[str, Any]) -> bool:
+    fw, bridges = obj.get("firewall"), obj.get("bridges")
+    if not isinstance(fw, dict) or not isinstance(bridges, dict) or len(bridges) > 64:
+        return False
+    backend, rules, error = fw.get("backend"), fw.get("rules"), fw.get("error")
+    return ((backend is None or (isinstance(backend, str) and 0 < len(backend) <= 32
+                                 and backend.isprintable()))
+            and _is_int(rules) and 0 <= rules <= 10_000
+            and isinstance(error, str) and len(error) <= 300 and error.isprintable()
+            and all(_is_ipv4_network(k) and isinstance(v, str) and 0 < len(v) <= 15
+                    and v.isprintable() for k, v in bridges.items()))
+
+
+ROUTES_OK = {"v": 1, "kind": "routes", "seq": 3, "gen": 2, "part": 0, "parts": 1,
+             "routes": ["172.17.0.0/16", "10.1.0.0/24"]}
+STATUS_OK = {"v": 1, "kind": "agent_status", "seq": 4,
+             "firewall": {"backend": "iptables-nft", "rules": 6, "error": ""},
+             "bridges": {"172.17.0.0/16": "docker0"}}
+
+
+@pytest.mark.parametrize("good", [ROUTES_OK, STATUS_OK,
+                                  {**STATUS_OK, "firewall": {"backend": None, "rules": 0,
+                                                             "error": "no iptables"}}])
+def test_routes_and_agent_status_messages(good: dict[str, Any]) -> None:
+    message = messages.parse(json.dumps(good).encode())
+    assert message.kind == good["kind"]
+    assert ref_valid_control(good)
+
+
+@pytest.mark.parametrize("bad", [
+    {**ROUTES_OK, "part": 1},  # part must be below parts
+    {**ROUTES_OK, "routes": ["172.17.0.1/16"]},  # host bits set
+    {**ROUTES_OK, "routes": ["fd00::/64"]},  # IPv6 is not routed yet
+    {**ROUTES_OK, "routes": ["10.0.0.0/8"] * 41},  # over one part
+    {**ROUTES_OK, "gen": True},
+    {**STATUS_OK, "firewall": {"backend": "x", "rules": -1, "error": ""}},
+    {**STATUS_OK, "firewall": {"backend": "x", "rules": 1, "error": "a\nb"}},
+    {**STATUS_OK, "bridges": {"not-a-net": "br0"}},
+    {**STATUS_OK, "bridges": {"10.0.0.0/8": "a-bridge-name-too-long"}},
+    {**STATUS_OK, "bridges": []},
+])
+def test_bad_routes_and_agent_status_are_refused(bad: dict[str, Any]) -> None:
+    assert not ref_valid_control(bad)
+    with pytest.raises(Dropped) as exc:
+        messages.parse(json.dumps(bad).encode())
+    assert reason(exc) is Drop.CONTROL_INVALID
 
 
 json_scalars = st.one_of(

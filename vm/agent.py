@@ -53,14 +53,24 @@ def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> No
             transports.append(transport)
         # From the host we accept only tunnel-network sources: the host and its accessors.
         host = PeerSpec(HOST_PEER, cfg.key, (cfg.tunnel.network,), (IPv4Network("0.0.0.0/0"),))
-        forwarding = Forwarding(adapter, _firewall(cfg.tunnel.interface))
-        forwarding.start()
-        resources.callback(forwarding.stop)
+        plugin_sink = runtime.event_sink(pm)
+
+        def on_event(peer: str, state: str, reason: str) -> None:
+            if state == "up":
+                forwarding.report_again()
+            plugin_sink(peer, state, reason)
+
+        def report(summary: dict[str, Any]) -> None:
+            engine.send_control(HOST_PEER, "agent_status", **summary)
+
+        forwarding = Forwarding(adapter, _firewall(cfg.tunnel.interface), report)
         engine = Engine(
             Role.VM, interface, transports, [host], cfg.tunnel.mtu, runtime.engine_timers(cfg),
             name=socket.gethostname(), version=__version__, remote=(address, cfg.port),
-            on_event=runtime.event_sink(pm), on_control=forwarding.on_control,
+            on_event=on_event, on_control=forwarding.on_control,
         )
+        forwarding.start()
+        resources.callback(forwarding.stop)
         log.info("connecting to %s (%s:%d) over %s from %s %s", cfg.host, address, cfg.port,
                  cfg.transport, interface.name, cfg.tunnel.vm_address)
 

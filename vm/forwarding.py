@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from ipaddress import IPv4Network
 from typing import Any
 
@@ -23,9 +24,13 @@ RECHECK_EVERY = 2.0
 
 
 class Forwarding:
-    def __init__(self, adapter: PlatformAdapter, firewall: Firewall | None) -> None:
+    def __init__(self, adapter: PlatformAdapter, firewall: Firewall | None,
+                 report: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._adapter = adapter
         self._firewall = firewall
+        # Tells the host what the VM side sees: the host's `ctun status` is where users look.
+        self._report = report
+        self._reported: dict[str, Any] | None = None
         self._generation = 0
         self._parts: dict[int, list[str]] = {}
         self._parts_gen = 0
@@ -94,6 +99,30 @@ class Forwarding:
             if str(exc) != self.error:
                 log.error("firewall: %s", exc)
             self.error = str(exc)
+        self._send_report()
+
+    def summary(self) -> dict[str, Any]:
+        """What the host shows about us (bounded to fit one control message)."""
+        return {
+            "firewall": {
+                "backend": self._firewall.backend if self._firewall else None,
+                "rules": len(self.rules),
+                "error": self.error[:300] if self._firewall else
+                "not managed: no iptables in the agent",
+            },
+            "bridges": dict(list(self.links.items())[:64]),
+        }
+
+    def report_again(self) -> None:
+        """A new session: the host may have restarted and know nothing of us."""
+        self._reported = None
+        self._wake.set()
+
+    def _send_report(self) -> None:
+        summary = self.summary()
+        if self._report is not None and summary != self._reported:
+            self._reported = summary
+            self._report(summary)
 
     def status(self) -> dict[str, Any]:
         return {
