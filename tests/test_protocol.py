@@ -1081,23 +1081,23 @@ def ref_valid_control(obj: Any) -> bool:
     return True
 
 
-def _is_int(value: Any) -> bool:
-    return type(value) is int
-
-
 def _is_ipv4_network(text: Any) -> bool:
+    if not isinstance(text, str) or len(text) > 18:
+        return False
     try:
         ipaddress.IPv4Network(text)
-    except (ValueError, TypeError):
+    except ValueError:
         return False
-    return isinstance(text, str) and len(text) <= 18
+    return True
 
 
 def ref_valid_routes(obj: dict[str, Any]) -> bool:
     gen, part, parts, routes = (obj.get(k) for k in ("gen", "part", "parts", "routes"))
-    return (all(_is_int(n) for n in (gen, part, parts)) and isinstance(routes, list)
-            and 0 < gen < 2**53 and 0 < parts <= 64 and 0 <= part < parts
-            and len(routes) <= 40 and all(_is_ipv4_network(r) for r in routes))
+    if type(gen) is not int or type(part) is not int or type(parts) is not int:
+        return False
+    return (isinstance(routes, list) and 0 < gen < 2**53 and 0 < parts <= 64
+            and 0 <= part < parts and len(routes) <= 40
+            and all(_is_ipv4_network(r) for r in routes))
 
 
 def ref_valid_agent_status(obj: dict[str, Any]) -> bool:
@@ -1105,12 +1105,15 @@ def ref_valid_agent_status(obj: dict[str, Any]) -> bool:
     if not isinstance(fw, dict) or not isinstance(bridges, dict) or len(bridges) > 64:
         return False
     backend, rules, error = fw.get("backend"), fw.get("rules"), fw.get("error")
-    return ((backend is None or (isinstance(backend, str) and 0 < len(backend) <= 32
-                                 and backend.isprintable()))
-            and _is_int(rules) and 0 <= rules <= 10_000
-            and isinstance(error, str) and len(error) <= 300 and error.isprintable()
-            and all(_is_ipv4_network(k) and isinstance(v, str) and 0 < len(v) <= 15
-                    and v.isprintable() for k, v in bridges.items()))
+    if backend is not None and not (isinstance(backend, str) and 0 < len(backend) <= 32
+                                    and backend.isprintable()):
+        return False
+    if type(rules) is not int or not 0 <= rules <= 10_000:
+        return False
+    if not isinstance(error, str) or len(error) > 300 or not error.isprintable():
+        return False
+    return all(_is_ipv4_network(k) and isinstance(v, str) and 0 < len(v) <= 15
+               and v.isprintable() for k, v in bridges.items())
 
 
 ROUTES_OK = {"v": 1, "kind": "routes", "seq": 3, "gen": 2, "part": 0, "parts": 1,
