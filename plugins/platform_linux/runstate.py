@@ -11,12 +11,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 from ...core.contracts import PlatformError
+from ...core.crash_record import CrashRecord
 
 RUN_DIR_ENV = "CTUN_RUN_DIR"
 DEFAULT_RUN_DIR = "/run/ctun"
@@ -33,8 +32,11 @@ def _fs_error(action: str, path: Path, exc: OSError) -> PlatformError:
     return PlatformError(f"cannot {action} {path}: {exc.strerror or exc}{hint}")
 
 
-class RunState:
+class RunState(CrashRecord):
     """The lock on one interface name plus its state file; release() gives the name up."""
+
+    def _fs_error(self, action: str, path: Path, exc: OSError) -> PlatformError:
+        return _fs_error(action, path, exc)
 
     def __init__(self, run_dir: Path, ifname: str, lock_fd: int) -> None:
         self.run_dir = run_dir
@@ -84,33 +86,6 @@ class RunState:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return cls(run_dir, ifname, fd)
-
-    def read_record(self) -> dict[str, Any] | None:
-        """The state file's contents; None when there is none, {} when it is unreadable."""
-        try:
-            text = self.state_path.read_text()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise _fs_error("read", self.state_path, exc) from exc
-        try:
-            data = json.loads(text)
-        except ValueError:
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def write_record(self, record: dict[str, Any]) -> None:
-        # Write-then-rename so a crash mid-write never leaves a truncated record.
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(record, sort_keys=True) + "\n")
-            os.replace(tmp, self.state_path)
-        except OSError as exc:
-            raise _fs_error("write", self.state_path, exc) from exc
-
-    def remove_record(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.state_path.unlink()
 
     def release(self) -> None:
         if self._lock_fd < 0:

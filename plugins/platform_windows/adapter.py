@@ -21,7 +21,6 @@ gateway is configured: netsh's fifth positional argument would be one, and it wo
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ...core.contracts import PlatformAdapter, PlatformError, VirtualInterface
+from ...core.crash_record import CrashRecord
 from .tap import (
     MIN_VERSION,
     TapAdapterInfo,
@@ -213,11 +213,14 @@ def _fs_error(action: str, path: Path, exc: OSError) -> PlatformError:
     )
 
 
-class WindowsRunState:
+class WindowsRunState(CrashRecord):
     """`<run_dir>/<ifname>.lock`, locked (api.lock_file) while an adapter owns `ifname`, and
     `<run_dir>/<ifname>.json`, what the owner changed. Windows drops the lock when the process
     dies; a record found while holding the lock was left by a crash. The lock file itself
     stays: Windows cannot delete a file that is open, and an unlocked one means nothing."""
+
+    def _fs_error(self, action: str, path: Path, exc: OSError) -> PlatformError:
+        return _fs_error(action, path, exc)
 
     def __init__(self, api: WinApi, run_dir: Path, ifname: str, fd: int) -> None:
         self.api = api
@@ -262,32 +265,6 @@ class WindowsRunState:
             os.close(fd)
             raise
         return cls(api, run_dir, ifname, fd)
-
-    def read_record(self) -> dict[str, Any] | None:
-        """The state file's contents; None when there is none, {} when it is unreadable."""
-        try:
-            text = self.state_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise _fs_error("read", self.state_path, exc) from exc
-        try:
-            data = json.loads(text)
-        except ValueError:
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def write_record(self, record: dict[str, Any]) -> None:
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
-            os.replace(tmp, self.state_path)
-        except OSError as exc:
-            raise _fs_error("write", self.state_path, exc) from exc
-
-    def remove_record(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.state_path.unlink()
 
     def release(self) -> None:
         if self._fd < 0:
