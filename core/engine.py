@@ -257,7 +257,6 @@ class Engine:
         counters = peer.counters
         counters.tx_packets += 1
         counters.tx_bytes += len(packet)
-        peer.last_sent = now
 
     # --- network -> interface ----------------------------------------------------------
 
@@ -462,7 +461,6 @@ class Engine:
     def _initiate(self, peer: Peer, now: float) -> None:
         with self._lock:
             peer.pending_init = create_init(peer.psk, self._new_index(), time.time_ns())
-            peer.init_sent_at = now
             # Exponential backoff with jitter, so many agents never retry in lockstep.
             peer.backoff = min(MAX_BACKOFF, max(HANDSHAKE_TIMEOUT, peer.backoff * 2))
             peer.next_attempt = now + peer.backoff * (0.8 + 0.4 * secrets.randbelow(1000) / 1000)

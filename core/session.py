@@ -93,13 +93,11 @@ class Peer:
     previous: Session | None = None
     pending_response: Session | None = None  # responder, awaiting the first frame
     pending_init: PendingInit | None = None  # initiator, awaiting the response
-    init_sent_at: float = 0.0
     next_attempt: float = 0.0
     backoff: float = 0.0
     last_init_timestamp: int = 0  # responder: newest initiation accepted, for replay refusal
     last_init_accepted: float = 0.0
     last_received: float = 0.0
-    last_sent: float = 0.0
     last_keepalive: float = 0.0
     last_echo: float = 0.0  # VM side: the host's latest echo of our keepalive on our path
     handshakes: int = 0
