@@ -21,15 +21,9 @@ from .routing import HostRoutes
 log = logging.getLogger("ctun.daemon")
 
 def peer_specs(cfg: HostConfig) -> list[PeerSpec]:
-    """The VM agent may send from the tunnel network and the routed subnets; others from theirs."""
-    specs = []
-    for peer in cfg.peers:
-        if peer.name == VM_PEER:
-            allowed = (cfg.tunnel.network, *cfg.routes, *peer.allowed)
-            specs.append(PeerSpec(peer.name, peer.key, allowed, allowed))
-        else:
-            specs.append(PeerSpec(peer.name, peer.key, peer.allowed, peer.allowed))
-    return specs
+    """Each peer with the networks its config gives it. The VM agent's networks also follow
+    the routing table; HostRoutes sets them, before the engine starts and on every change."""
+    return [PeerSpec(p.name, p.key, p.allowed, p.allowed) for p in cfg.peers]
 
 
 def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> None:
