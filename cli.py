@@ -31,6 +31,8 @@ def _tunnel_flags(p: argparse.ArgumentParser, interface: str) -> None:
                    help="VM-side tunnel address (default 192.168.251.1/24)")
     p.add_argument("--port", metavar="N", help="tunnel port (default 2511)")
     p.add_argument("--mtu", metavar="N", help="tunnel MTU (default 1400)")
+    p.add_argument("--no-offload", dest="offload", action="store_const", const=False,
+                   help="do not use kernel offloads (TSO super-packets, UDP_SEGMENT/GRO)")
     p.add_argument("--interface", metavar="NAME", help=f"interface name (default {interface})")
     p.add_argument("--transport", metavar="NAME", help="transport plugin (default udp)")
     p.add_argument("--key-file", metavar="FILE", help="pre-shared key file of the VM peer")
@@ -132,7 +134,7 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]
 
 
 _DOCKER_FLAGS = ("docker_enabled", "docker_agent", "agent_host", "agent_base")
-_COMMON = ("addr", "port", "mtu", "interface", "transport", "key_file", "keepalive",
+_COMMON = ("addr", "port", "mtu", "offload", "interface", "transport", "key_file", "keepalive",
            "dead_after", "rekey_after")
 
 

@@ -84,6 +84,7 @@ _COMMON_KEYS = frozenset(
         "addr",
         "port",
         "mtu",
+        "offload",
         "interface",
         "transport",
         "key_file",
@@ -132,6 +133,7 @@ class TunnelConfig:
     host_address: IPv4Address  # vm_address + 1 (host side), as docker-connector does
     mtu: int  # 576..9000
     interface: str  # ^ctun[a-z0-9_-]{0,11}$
+    offload: bool = True  # kernel offloads (super-packets, UDP_SEGMENT/GRO) where available
 
 
 @dataclass(frozen=True)
@@ -393,6 +395,7 @@ def _read_file(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any], str
 def _tunnel(s: _Settings, default_interface: str) -> TunnelConfig:
     addr = s.get("addr", DEFAULT_ADDR)
     mtu = _int(s.get("mtu", DEFAULT_MTU), MTU_MIN, MTU_MAX)
+    offload = _bool(s.get("offload", True))
     interface_v = s.get("interface", default_interface)
     interface = _str(interface_v, f'"{default_interface}"')
     if not _INTERFACE_RE.fullmatch(interface):
@@ -422,7 +425,8 @@ def _tunnel(s: _Settings, default_interface: str) -> TunnelConfig:
             f"address of {network}; {use}"
         )
     return TunnelConfig(
-        network=network, vm_address=vm, host_address=host, mtu=mtu, interface=interface
+        network=network, vm_address=vm, host_address=host, mtu=mtu, interface=interface,
+        offload=offload,
     )
 
 

@@ -22,6 +22,9 @@ class VirtualInterface(ABC):
     """An open L3 virtual interface (tun/utun/TAP) carrying bare IP packets."""
 
     name: str
+    vnet: bool = False
+    """True when every packet read_packets() returns starts with a 10-byte offload header
+    (core/gso.py, virtio byte order) and write_gso() works: Linux tun with offloads."""
 
     @abstractmethod
     def fileno(self) -> int:
@@ -39,6 +42,16 @@ class VirtualInterface(ABC):
     def close(self) -> None:
         """Close the device; the OS removes the interface and its routes with it."""
 
+    # Optional: only interfaces with vnet set implement these.
+
+    def set_offload(self, enabled: bool) -> None:
+        """Let the OS hand over TCP super-packets and unfinished checksums (or stop it)."""
+        return None  # optional: nothing to do by default
+
+    def write_gso(self, header: bytes, packet: bytes | memoryview) -> None:
+        """Hand one super-packet with its offload header (virtio byte order) to the OS."""
+        raise NotImplementedError(f"{type(self).__name__} takes no offload packets")
+
 
 class PlatformAdapter(ABC):
     """Owns one virtual interface and everything configured on it.
@@ -48,6 +61,9 @@ class PlatformAdapter(ABC):
     """
 
     name: ClassVar[str]
+    offload: bool = False
+    """Set before open_interface(): ask for kernel offloads where the platform has them (the
+    interface then says so with its `vnet`). Adapters without offloads ignore it."""
 
     @classmethod
     @abstractmethod
@@ -145,6 +161,23 @@ class Transport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release everything; idempotent. Afterwards send() drops, receive() returns []."""
+
+    def send_many(self, frames: list[bytes], to: Endpoint) -> None:
+        """Send frames in order; transports that can batch them into fewer system calls
+        override this (the UDP transport uses UDP_SEGMENT)."""
+        for frame in frames:
+            self.send(frame, to)
+
+    def use_offloads(self, enabled: bool) -> None:
+        """Whether to use the OS's batching offloads where it has them (on by default);
+        False forces the plain one-frame-per-call path."""
+        return None  # optional: nothing to do by default
+
+    def set_datagram_size(self, size: int) -> None:
+        """The largest frame the engine sends in the normal course (MTU plus overhead). A
+        datagram transport may split bigger frames (offload super-packets) into pieces of at
+        most this size, so they never need IP fragmentation where full packets do not."""
+        return None  # optional: nothing to do by default
 
     def stats(self) -> dict[str, int]:
         """Counters for the status view (errors, connections closed by reason, ...)."""

@@ -47,6 +47,7 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
                 ) from None
             resources.callback(transport.close)
             transports.append(transport)
+        adapter.offload = cfg.tunnel.offload
         interface = adapter.open_interface(cfg.tunnel.interface, cfg.tunnel.mtu)
         adapter.set_address(cfg.tunnel.host_address, cfg.tunnel.vm_address)
         adapter.add_route(cfg.tunnel.network)
@@ -68,7 +69,7 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
         engine = Engine(
             Role.HOST, interface, transports, peer_specs(cfg), cfg.tunnel.mtu,
             runtime.engine_timers(cfg), name="host", version=__version__, on_event=on_event,
-            on_control=on_control,
+            on_control=on_control, offload=cfg.tunnel.offload,
         )
         routes = HostRoutes(adapter, engine, cfg)
         routes.start()

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Any
 
-from . import messages
+from . import gso, messages
 from .contracts import Endpoint, Transport, VirtualInterface
 from .protocol import (
+    MAX_FRAME,
     TRANSPORT_OVERHEAD,
     Drop,
     Dropped,
@@ -60,6 +61,9 @@ FALLBACK_AFTER = 3.0  # VM side: no authenticated answer on a path for this long
 PROBE_EVERY = 10.0  # VM side, off the first path: how often to try the first path again
 MAX_SWITCHES_KEPT = 20
 PROBE_FLAG = b"\x01"  # a keepalive that tests a path: echo it there, do not move the peer
+FEATURE_GSO = "gso"  # in hello: "send me DATA_GSO frames, my interface takes them"
+_INTERFACE = "interface"  # selector keys of the pump
+_WAKE = "wake"
 
 # What a user should check when a drop reason shows up in the log.
 DROP_HINTS = {
@@ -122,6 +126,7 @@ class Engine:
         remote: Endpoint | None = None,
         on_event: EventSink | None = None,
         on_control: ControlSink | None = None,
+        offload: bool = True,
     ) -> None:
         self.role = role
         self.interface = interface
@@ -153,8 +158,13 @@ class Engine:
         self.epoch = secrets.randbelow(messages.MAX_EPOCH - 1) + 1
         self.drops_in: Counter[str] = Counter()  # frames no session could be found for
         self.drops_out: Counter[str] = Counter()  # interface packets with nowhere to go
-        # Nothing legitimate is bigger: one packet of at most the MTU, or one control message.
+        # Nothing legitimate is bigger: one packet of at most the MTU, or one control message;
+        # only a DATA_GSO frame (a super-packet), and only if we said we take them, may be.
         self.max_frame = max(mtu, messages.MAX_CONTROL) + TRANSPORT_OVERHEAD
+        self.max_gso_frame = MAX_FRAME if interface.vnet else self.max_frame
+        for transport in self.transports:
+            transport.use_offloads(offload)
+            transport.set_datagram_size(self.max_frame)
         self.started = time.monotonic()
         self._reported_drops: Counter[str] = Counter()
         self._next_drop_report = self.started + DROP_REPORT_EVERY
@@ -169,11 +179,7 @@ class Engine:
         now = time.monotonic()
         for peer in self.peers:
             peer.path_since = now
-        for target, name in (
-            (self._interface_pump, "ctun-if"),
-            (self._network_pump, "ctun-net"),
-            (self._timer_loop, "ctun-timer"),
-        ):
+        for target, name in ((self._pump, "ctun-pump"), (self._timer_loop, "ctun-timer")):
             thread = threading.Thread(target=self._guard(target), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -210,30 +216,81 @@ class Engine:
     def wait(self, timeout: float | None = None) -> bool:
         return self._stop.wait(timeout)
 
-    # --- interface -> network ----------------------------------------------------------
+    # --- the packet pump --------------------------------------------------------------
 
-    def _interface_pump(self) -> None:
+    def _pump(self) -> None:
+        """One thread for both directions. Two pumps in one process would hand the GIL to
+        each other on every packet; one loop that drains whatever is ready (in bounded
+        batches, so neither direction starves the other) pays for one wake-up per burst."""
         # selectors, not poll(): the same code waits with epoll, kqueue or (Windows) select.
         selector = selectors.DefaultSelector()
-        selector.register(self.interface.fileno(), selectors.EVENT_READ)
-        selector.register(self._wake_r, selectors.EVENT_READ)
-        single = self.peers[0] if self.role is Role.VM else None
+        selector.register(self.interface.fileno(), selectors.EVENT_READ, _INTERFACE)
+        for path, transport in enumerate(self.transports):
+            selector.register(transport.fileno(), selectors.EVENT_READ, path)
+        selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         while not self._stop.is_set():
-            if not selector.select(1.0):
-                continue
-            packets = self.interface.read_packets(BATCH)
-            if not packets:
-                continue
-            now = time.monotonic()
-            for packet in packets:
-                peer = single or self._peer_for(packet)
-                if peer is None:
-                    self.drops_out[Drop.NO_PEER] += 1
-                    continue
-                self._send_packet(peer, packet, now)
+            for key, _events in selector.select(1.0):
+                source = key.data
+                if source is _INTERFACE:
+                    self._from_interface()
+                elif source is not _WAKE:
+                    self._from_network(source)
 
-    def _peer_for(self, packet: bytes) -> Peer | None:
-        destination = ipv4_destination(packet)
+    def _from_interface(self) -> None:
+        packets = self.interface.read_packets(BATCH)
+        if not packets:
+            return
+        now = time.monotonic()
+        single = self.peers[0] if self.role is Role.VM else None
+        vnet = self.interface.vnet
+        offset = gso.HEADER_LEN if vnet else 0
+        batches: dict[int, tuple[Peer, list[bytes]]] = {}
+        for raw in packets:
+            peer = single or self._peer_for(raw, offset)
+            if peer is None:
+                self.drops_out[Drop.NO_PEER] += 1
+                continue
+            session, endpoint = peer.current, peer.endpoint
+            if session is None or endpoint is None or \
+                    now - session.created > self.timers.reject_after:
+                peer.counters.drops_out[Drop.NO_SESSION] += 1
+                continue
+            ftype = FrameType.DATA
+            if not vnet:
+                payload = raw
+            elif raw[:offset] == gso.ZERO:
+                payload = raw[offset:]
+            elif peer.gso:
+                ftype = FrameType.DATA_GSO
+                payload = gso.vnet_to_wire(raw) + memoryview(raw)[offset:]
+                peer.counters.tx_super += 1
+            else:
+                # Offloads went on for peers that take super-packets; this one does not.
+                peer.counters.drops_out[Drop.GSO_UNSUPPORTED] += 1
+                continue
+            try:
+                frame = session.sealer.seal(ftype, payload)
+            except Dropped as dropped:
+                peer.counters.drops_out[dropped.reason] += 1
+                continue
+            if len(frame) > self.transports[peer.path].max_frame:
+                # A forwarded 64 KB super-packet over a transport with a 16-bit length.
+                peer.counters.drops_out[Drop.OVERSIZE] += 1
+                continue
+            batch = batches.get(id(peer))
+            if batch is None:
+                batches[id(peer)] = (peer, [frame])
+            else:
+                batch[1].append(frame)
+            counters = peer.counters
+            counters.tx_packets += 1
+            counters.tx_bytes += len(raw) - offset
+        for peer, frames in batches.values():
+            if peer.endpoint is not None:
+                self.transports[peer.path].send_many(frames, peer.endpoint)
+
+    def _peer_for(self, packet: bytes, offset: int = 0) -> Peer | None:
+        destination = ipv4_destination(packet, offset)
         if destination is None:
             return None
         best, best_len = None, -1
@@ -243,44 +300,19 @@ class Engine:
                 best, best_len = peer, length
         return best
 
-    def _send_packet(self, peer: Peer, packet: bytes, now: float) -> None:
-        session, endpoint = peer.current, peer.endpoint
-        if session is None or endpoint is None or now - session.created > self.timers.reject_after:
-            peer.counters.drops_out[Drop.NO_SESSION] += 1
-            return
-        try:
-            frame = session.sealer.seal(FrameType.DATA, packet)
-        except Dropped as dropped:
-            peer.counters.drops_out[dropped.reason] += 1
-            return
-        self.transports[peer.path].send(frame, endpoint)
-        counters = peer.counters
-        counters.tx_packets += 1
-        counters.tx_bytes += len(packet)
-
-    # --- network -> interface ----------------------------------------------------------
-
-    def _network_pump(self) -> None:
-        selector = selectors.DefaultSelector()
-        for path, transport in enumerate(self.transports):
-            selector.register(transport.fileno(), selectors.EVENT_READ, path)
-        selector.register(self._wake_r, selectors.EVENT_READ, None)
-        while not self._stop.is_set():
-            ready = selector.select(1.0)
-            for key, _events in ready:
-                ready_path = key.data
-                if ready_path is None:
-                    continue
-                frames = self.transports[ready_path].receive(BATCH)
-                now = time.monotonic()
-                for frame, source in frames:
-                    self.receive_frame(frame, source, now, ready_path)
+    def _from_network(self, path: int) -> None:
+        frames = self.transports[path].receive(BATCH)
+        now = time.monotonic()
+        for frame, source in frames:
+            self.receive_frame(frame, source, now, path)
 
     def receive_frame(self, frame: bytes, source: Endpoint, now: float, path: int = 0) -> None:
         """Check one frame in the protocol's order; count and forget anything that fails."""
         peer: Peer | None = None
         try:
-            if len(frame) > self.max_frame:
+            size = len(frame)
+            if size > self.max_frame and (size > self.max_gso_frame or
+                                          frame[0] != FrameType.DATA_GSO):
                 raise Dropped(Drop.OVERSIZE)
             ftype = frame_type(frame)
             if ftype is FrameType.INIT:
@@ -312,6 +344,10 @@ class Engine:
         message: messages.ControlMessage | None = None
         if ftype is FrameType.DATA:
             check_inner(payload, peer.allowed_sources, self.mtu)
+        elif ftype is FrameType.DATA_GSO:
+            if not self.interface.vnet:
+                raise Dropped(Drop.GSO_UNSUPPORTED)  # we never said we take them
+            gso.check_gso_inner(payload, peer.allowed_sources, self.mtu)
         elif ftype is FrameType.KEEPALIVE and len(payload) > MAX_KEEPALIVE_ECHO:
             raise Dropped(Drop.MALFORMED)
         elif ftype is FrameType.CONTROL:
@@ -332,6 +368,13 @@ class Engine:
             self.interface.write_packet(payload)
             peer.counters.rx_packets += 1
             peer.counters.rx_bytes += len(payload)
+        elif ftype is FrameType.DATA_GSO:
+            self.interface.write_gso(gso.wire_to_vnet(payload),
+                                     memoryview(payload)[gso.HEADER_LEN:])
+            counters = peer.counters
+            counters.rx_packets += 1
+            counters.rx_super += 1
+            counters.rx_bytes += len(payload) - gso.HEADER_LEN
         elif ftype is FrameType.KEEPALIVE:
             self._on_keepalive(peer, session, payload, now, source, path)
         elif message is not None:
@@ -417,6 +460,7 @@ class Engine:
                 peer.counters.drops_in[dropped.reason] += 1
                 return
             peer.pending_init = None
+            peer.handshake_ms = (now - peer.init_sent) * 1000
             session = Session(keys, now, initiator=True, confirmed=True)
             self._sessions[session.local_index] = (session, peer)
             self._install(peer, session, now)
@@ -425,9 +469,13 @@ class Engine:
         peer.last_received = peer.last_echo = now
         # The first frame under the new keys confirms them to the host; send it at once.
         self._send_keepalive(peer, session, now)
-        self._queue_control(peer, "hello", role=self.role.value, name=self.name,
-                            version=self.version)
+        self._queue_hello(peer)
         self._set_state(peer, "up", "handshake complete")
+
+    def _queue_hello(self, peer: Peer) -> None:
+        features = [FEATURE_GSO] if self.interface.vnet else []
+        self._queue_control(peer, "hello", role=self.role.value, name=self.name,
+                            version=self.version, features=features)
 
     def _confirm(self, peer: Peer, session: Session, now: float) -> None:
         with self._lock:
@@ -435,8 +483,7 @@ class Engine:
             if peer.pending_response is session:
                 peer.pending_response = None
             self._install(peer, session, now)
-        self._queue_control(peer, "hello", role=self.role.value, name=self.name,
-                            version=self.version)
+        self._queue_hello(peer)
         self._set_state(peer, "up", "handshake complete")
 
     def _install(self, peer: Peer, session: Session, now: float) -> None:
@@ -461,6 +508,7 @@ class Engine:
     def _initiate(self, peer: Peer, now: float) -> None:
         with self._lock:
             peer.pending_init = create_init(peer.psk, self._new_index(), time.time_ns())
+            peer.init_sent = time.monotonic()
             # Exponential backoff with jitter, so many agents never retry in lockstep.
             peer.backoff = min(MAX_BACKOFF, max(HANDSHAKE_TIMEOUT, peer.backoff * 2))
             peer.next_attempt = now + peer.backoff * (0.8 + 0.4 * secrets.randbelow(1000) / 1000)
@@ -522,6 +570,7 @@ class Engine:
         elif message.kind == "hello":
             peer.remote_name = message.body["name"]
             peer.remote_version = message.body["version"]
+            peer.gso = FEATURE_GSO in message.body.get("features", [])
             self._events.put((peer.name, "hello", f"{peer.remote_name} {peer.remote_version}"))
         elif self._on_control_message is not None:
             self._on_control_message(peer.name, message)
@@ -593,10 +642,18 @@ class Engine:
                     self._tick_responder(peer, now)
                 self._flush_control(peer, now)
                 self._retire_previous(peer, now)
+            self._update_offload()
             if now >= self._next_drop_report:
                 self._next_drop_report = now + DROP_REPORT_EVERY
                 self._report_drops()
             self._drain_events()
+
+    def _update_offload(self) -> None:
+        """Super-packets from the interface only while every connected peer takes them: a
+        peer that does not would have them dropped."""
+        connected = [peer for peer in self.peers if peer.current is not None]
+        wanted = bool(connected) and all(peer.gso for peer in connected)
+        self.interface.set_offload(wanted and self.interface.vnet)
 
     def _tick_initiator(self, peer: Peer, now: float) -> None:
         session = peer.current
@@ -729,6 +786,8 @@ class Engine:
                 for t in self.transports
             ],
             "local_endpoint": list(self.transports[0].local_endpoint),
+            "offload": {"available": self.interface.vnet,
+                        "on": bool(getattr(self.interface, "offload", False))},
             "uptime": round(now - self.started, 3),
             "drops": dict(drops),
             "peers": [self._peer_snapshot(p, now) for p in self.peers],
@@ -746,6 +805,10 @@ class Engine:
             "last_seen_age": round(now - peer.last_received, 3) if peer.last_received else None,
             "handshakes": peer.handshakes,
             "rtt_ms": None if peer.rtt is None else round(peer.rtt * 1000, 3),
+            "handshake_ms": None if peer.handshake_ms is None else round(peer.handshake_ms, 3),
+            "gso": peer.gso,
+            "rx_super": c.rx_super,
+            "tx_super": c.tx_super,
             "transport": self._path_name(peer.path),
             "switches": list(peer.switches),
             "switch_count": peer.switch_count,

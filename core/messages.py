@@ -16,6 +16,7 @@ from .protocol import Drop, Dropped
 SCHEMA = 1
 MAX_CONTROL = 1200  # fits one frame at the smallest MTU we allow, with room to spare
 
+MAX_FEATURES = 16
 KINDS = ("hello", "ack", "close_reason", "routes", "agent_status")
 MAX_BRIDGES = 64  # subnet -> bridge entries an agent reports (more would not fit a frame)
 ROUTES_PER_PART = 40  # 40 CIDRs of up to 18 characters stay well inside MAX_CONTROL
@@ -48,10 +49,14 @@ def _short_str(value: Any, limit: int) -> bool:
 
 def _valid_body(kind: str, body: dict[str, Any]) -> bool:
     if kind == "hello":
+        features = body.get("features", [])
         return (
             body.get("role") in ("host", "vm")
             and _short_str(body.get("name"), 64)
             and _short_str(body.get("version"), 32)
+            # Optional: peers older than the list send none, and ignore ours.
+            and isinstance(features, list) and len(features) <= MAX_FEATURES
+            and all(_short_str(f, 32) for f in features)
         )
     if kind == "close_reason":
         return _short_str(body.get("reason"), 200)

@@ -35,11 +35,15 @@ class FrameType(enum.IntEnum):
     KEEPALIVE = 4
     CONTROL = 5
     CLOSE = 6
+    DATA_GSO = 7  # an offload super-packet with its header (core/gso.py); negotiated
 
 
 TRANSPORT_TYPES = frozenset(
-    {FrameType.DATA, FrameType.KEEPALIVE, FrameType.CONTROL, FrameType.CLOSE}
+    {FrameType.DATA, FrameType.KEEPALIVE, FrameType.CONTROL, FrameType.CLOSE,
+     FrameType.DATA_GSO}
 )
+# A dict lookup, not FrameType(byte): this runs for every frame and the enum call is slow.
+_FRAME_TYPES = {int(t): t for t in FrameType}
 
 
 class Drop(enum.StrEnum):
@@ -66,6 +70,7 @@ class Drop(enum.StrEnum):
     CONTROL_INVALID = "control_invalid"
     NO_PEER = "no_peer"
     NO_SESSION = "no_session"
+    GSO_UNSUPPORTED = "gso_unsupported"
 
 
 class Dropped(Exception):
@@ -97,7 +102,7 @@ TRANSPORT_OVERHEAD = HEADER_LEN + TAG_LEN  # 32
 MIN_FRAME = TRANSPORT_OVERHEAD  # a keepalive, the smallest valid frame
 
 # Largest inner payload ever accepted (an IPv4 packet cannot be larger).
-MAX_PAYLOAD = 65535
+MAX_PAYLOAD = 65535 + 10  # the largest IPv4 packet, after an offload header (core/gso.py)
 MAX_FRAME = TRANSPORT_OVERHEAD + MAX_PAYLOAD
 
 REPLAY_WINDOW = 2048
@@ -265,10 +270,9 @@ def frame_type(frame: bytes) -> FrameType:
     """First check on every received frame: its length fits its type."""
     if not frame:
         raise Dropped(Drop.SHORT)
-    try:
-        ftype = FrameType(frame[0])
-    except ValueError:
-        raise Dropped(Drop.UNKNOWN_TYPE) from None
+    ftype = _FRAME_TYPES.get(frame[0])
+    if ftype is None:
+        raise Dropped(Drop.UNKNOWN_TYPE)
     if ftype in TRANSPORT_TYPES:
         if len(frame) < MIN_FRAME:
             raise Dropped(Drop.SHORT)
@@ -404,8 +408,9 @@ def check_inner(packet: bytes, allowed_sources: Prefixes, mtu: int) -> None:
         raise Dropped(Drop.SOURCE_NOT_ALLOWED)
 
 
-def ipv4_destination(packet: bytes) -> int | None:
-    """Destination of an outgoing IPv4 packet, or None when it is not one we can route."""
-    if len(packet) < 20 or packet[0] >> 4 != 4:
+def ipv4_destination(packet: bytes, offset: int = 0) -> int | None:
+    """Destination of an outgoing IPv4 packet that starts at `offset` (after an offload
+    header), or None when it is not one we can route."""
+    if len(packet) < offset + 20 or packet[offset] >> 4 != 4:
         return None
-    return int.from_bytes(packet[16:20], "big")
+    return int.from_bytes(packet[offset + 16:offset + 20], "big")

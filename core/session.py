@@ -32,13 +32,16 @@ class Session:
 
 @dataclass
 class Counters:
-    """Touched by one thread each: rx_* by the network pump, tx_* by the interface pump."""
+    """Written by the packet pump only (no lock on the packet path); super-packets count as
+    one packet each here and once more in *_super."""
 
     rx_packets: int = 0
     rx_bytes: int = 0
     tx_packets: int = 0
     tx_bytes: int = 0
-    # Two counters so each pump only ever writes its own (no lock on the packet path).
+    rx_super: int = 0
+    tx_super: int = 0
+    # Incoming frames and outgoing packets, counted apart for the status view.
     drops_in: collections.Counter[str] = field(default_factory=collections.Counter)
     drops_out: collections.Counter[str] = field(default_factory=collections.Counter)
 
@@ -108,6 +111,9 @@ class Peer:
     remote_name: str = ""
     remote_version: str = ""
     close_reason: str = ""
+    gso: bool = False  # the peer said it takes offload super-packets (DATA_GSO frames)
+    init_sent: float = 0.0  # initiator: when the pending handshake went out
+    handshake_ms: float | None = None  # initiator: how long the latest handshake took
     counters: Counters = field(default_factory=Counters)
     control: ControlState = field(default_factory=ControlState)
     key_id: bytes = b""

@@ -175,10 +175,12 @@ def test_sizes() -> None:
     assert (INIT_BODY_LEN, INIT_LEN) == (56, 72)
     assert (RESPONSE_BODY_LEN, RESPONSE_LEN) == (44, 60)
     assert (HEADER_LEN, TAG_LEN, TRANSPORT_OVERHEAD, MIN_FRAME) == (16, 16, 32, 32)
-    assert MAX_FRAME == 32 + 65535 == TRANSPORT_OVERHEAD + MAX_PAYLOAD
+    # The largest IPv4 packet after a 10-byte offload header.
+    assert MAX_FRAME == 32 + 10 + 65535 == TRANSPORT_OVERHEAD + MAX_PAYLOAD
     assert RESPONSE_LEN < INIT_LEN  # no amplification: the answer is smaller than the question
-    assert [int(t) for t in FrameType] == [1, 2, 3, 4, 5, 6]
-    assert {t.name for t in TRANSPORT_TYPES} == {"DATA", "KEEPALIVE", "CONTROL", "CLOSE"}
+    assert [int(t) for t in FrameType] == [1, 2, 3, 4, 5, 6, 7]
+    assert {t.name for t in TRANSPORT_TYPES} == {"DATA", "KEEPALIVE", "CONTROL", "CLOSE",
+                                                  "DATA_GSO"}
 
 
 def test_handshake_round_trip() -> None:
@@ -251,6 +253,7 @@ def test_transport_frames_open_on_the_other_side_for_every_type() -> None:
         FrameType.KEEPALIVE: (123456789).to_bytes(8, "big"),
         FrameType.CONTROL: messages.encode("ack", 1),
         FrameType.CLOSE: b"",
+        FrameType.DATA_GSO: bytes(10) + ipv4_packet(),
     }
     assert set(payloads) == TRANSPORT_TYPES
     for counter, (ftype, payload) in enumerate(payloads.items()):
@@ -665,7 +668,7 @@ def test_frame_type_checks() -> None:
     cases: list[tuple[bytes, Drop]] = [
         (b"", Drop.SHORT),
         (b"\x00" + bytes(40), Drop.UNKNOWN_TYPE),
-        (b"\x07" + bytes(40), Drop.UNKNOWN_TYPE),
+        (b"\x08" + bytes(40), Drop.UNKNOWN_TYPE),
         (b"\xff", Drop.UNKNOWN_TYPE),
         (b"\x03" + bytes(MIN_FRAME - 2), Drop.SHORT),
         (b"\x03" + bytes(MAX_FRAME), Drop.OVERSIZE),

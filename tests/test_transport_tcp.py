@@ -30,6 +30,7 @@ from ctun.plugins.transport_tcp import TcpTransport
 
 Frame = tuple[bytes, Endpoint]
 LOOPBACK = ("127.0.0.1", 0)
+LIMIT = 9216  # a 9000-byte MTU plus overhead: what tests of oversize lengths use
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -153,7 +154,8 @@ def test_registers_through_the_hook_and_classmethods_use_defaults() -> None:
     pm.add_hookspecs(hookspecs)
     pm.register(transport_tcp)
     assert plugins.transports(pm) == {"tcp": TcpTransport}
-    assert (TcpTransport.name, TcpTransport.max_frame) == ("tcp", 9216)
+    # The 16-bit length's limit: offload super-packets (up to 64 KB) fit.
+    assert (TcpTransport.name, TcpTransport.max_frame) == ("tcp", 65535)
     server = TcpTransport.listen(LOOPBACK)
     client = TcpTransport.connect(server.local_endpoint)
     try:
@@ -218,11 +220,24 @@ def test_a_frame_split_across_many_writes_is_reassembled(server: TcpTransport) -
         assert pump.take(server) == [(frame, sock.getsockname())]
 
 
+def test_a_frame_limit_refuses_bigger_sends_and_caps_at_max_frame() -> None:
+    server = TcpTransport(bind=LOOPBACK, frame_limit=LIMIT)
+    try:
+        assert server.frame_limit == LIMIT
+        with pytest.raises(ValueError, match=f"over {LIMIT}"):
+            server.send(b"x" * (LIMIT + 1), ("127.0.0.1", 1))
+    finally:
+        server.close()
+    capped = TcpTransport(bind=LOOPBACK, frame_limit=10**6)
+    assert capped.frame_limit == TcpTransport.max_frame
+    capped.close()
+
+
 def test_oversized_and_empty_sends_raise_and_the_connection_goes_on(server: TcpTransport) -> None:
     client, endpoint, pump = connected_pair(server)
     try:
         for t, to in ((client, server.local_endpoint), (server, endpoint)):
-            with pytest.raises(ValueError, match="over 9216"):
+            with pytest.raises(ValueError, match="over 65535"):
                 t.send(b"x" * (TcpTransport.max_frame + 1), to)
             with pytest.raises(ValueError, match="empty"):
                 t.send(b"", to)
@@ -427,14 +442,15 @@ def test_timeouts_close_without_any_traffic(behaviour: str, counter: str, timeou
     [
         (b"\x00\x00", "closed_zero_length"),
         (wire(b"ok") + b"\x00\x00", "closed_zero_length"),
-        (b"\x24\x01" + b"x" * 100, "closed_oversize"),  # 9217: one over max_frame
+        (b"\x24\x01" + b"x" * 100, "closed_oversize"),  # 9217: one over the frame limit
         (b"\xff\xff", "closed_oversize"),
         (b"\x00", "closed_truncated"),  # then EOF: half a header
         (b"\x00\x10abc", "closed_truncated"),  # then EOF: half a frame
     ],
 )
 def test_protocol_violations_close_at_once(data: bytes, counter: str) -> None:
-    server = TcpTransport(bind=LOOPBACK)
+    # A frame limit below what 16 bits can say, so that a length can be over it.
+    server = TcpTransport(bind=LOOPBACK, frame_limit=LIMIT)
     sock = raw_client(server)
     try:
         sock.sendall(data)
@@ -692,7 +708,8 @@ def closed_at_once(socks: list[socket.socket], expected: int, within: float = 1.
             [s for s in socks if s not in closed and state(s) == "open"])
 
 
-FAST = {"handshake_timeout": 1.5, "frame_timeout": 2.0, "idle_timeout": 2.5}
+FAST = {"handshake_timeout": 1.5, "frame_timeout": 2.0, "idle_timeout": 2.5,
+        "frame_limit": LIMIT}
 
 
 @pytest.mark.root

@@ -42,6 +42,7 @@ def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> No
         address = resolve(cfg.host, cfg.port, stop)
         if address is None:
             return
+        adapter.offload = cfg.tunnel.offload
         interface = adapter.open_interface(cfg.tunnel.interface, cfg.tunnel.mtu)
         adapter.set_address(cfg.tunnel.vm_address, cfg.tunnel.host_address)
         adapter.add_route(cfg.tunnel.network, via=cfg.tunnel.host_address)
@@ -67,7 +68,7 @@ def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> No
         engine = Engine(
             Role.VM, interface, transports, [host], cfg.tunnel.mtu, runtime.engine_timers(cfg),
             name=socket.gethostname(), version=__version__, remote=(address, cfg.port),
-            on_event=on_event, on_control=forwarding.on_control,
+            on_event=on_event, on_control=forwarding.on_control, offload=cfg.tunnel.offload,
         )
         forwarding.start()
         resources.callback(forwarding.stop)

@@ -210,7 +210,7 @@ class LinuxAdapter(PlatformAdapter):
         return self._tun
 
     def _create(self, ifname: str, mtu: int) -> tuple[LinuxTun, int]:
-        tun = open_tun(ifname)
+        tun = open_tun(ifname, vnet=self.offload)
         try:
             self._disable_ipv6(ifname)
             with _netlink(f"configure {ifname} (MTU {mtu})") as ipr:

@@ -59,6 +59,7 @@ class TcpTransport(Transport):
       send_buffer        bytes a connection may hold unsent; a frame that does not fit is
                          dropped (datagram semantics: never block, never grow unbounded)
       backoff_min/max    client: delay before reconnecting, doubling from min up to max
+      frame_limit        the largest frame sent or accepted (default and most: max_frame)
 
     The client connects on demand: the first send() starts a non-blocking connect, and it
     reconnects (after the backoff) only while frames were sent within idle_timeout, so a
@@ -69,7 +70,7 @@ class TcpTransport(Transport):
     """
 
     name = "tcp"
-    max_frame = 9216  # a 9000-byte MTU plus the tunnel's overhead
+    max_frame = 65535  # what the 16-bit length can say: offload super-packets fit
 
     def __init__(
         self,
@@ -85,9 +86,13 @@ class TcpTransport(Transport):
         send_buffer: int = 256 * 1024,
         backoff_min: float = 0.5,
         backoff_max: float = 5.0,
+        frame_limit: int | None = None,
     ) -> None:
         if (bind is None) == (remote is None):
             raise ValueError("give exactly one of bind (server) or remote (client)")
+        # Frames above this are refused on send and close the connection on receipt.
+        self.frame_limit = self.max_frame if frame_limit is None else \
+            min(frame_limit, self.max_frame)
         self._timeouts = Timeouts(handshake_timeout, frame_timeout, idle_timeout,
                                   connect_timeout)
         self._max_per_source = max_per_source
@@ -188,8 +193,8 @@ class TcpTransport(Transport):
         """Server: to the connection whose peer is `to`. Client: to the remote (`to` is
         ignored, as a connected UDP socket does)."""
         size = len(frame)
-        if size > self.max_frame:
-            raise ValueError(f"frame of {size} bytes is over {self.max_frame}")
+        if size > self.frame_limit:
+            raise ValueError(f"frame of {size} bytes is over {self.frame_limit}")
         if size == 0:
             # On the wire a zero length is a protocol violation the far end closes on.
             raise ValueError("an empty frame cannot be sent over TCP")
@@ -292,7 +297,7 @@ class TcpTransport(Transport):
                 self._counters["accept_errors"] += 1
                 sock.close()
                 continue
-            conn = Connection(sock, peer, now, self.max_frame)
+            conn = Connection(sock, peer, now, self.frame_limit)
             self._add(conn, _IN)
             self._by_peer[peer] = conn
             self._per_source[peer[0]] += 1
@@ -327,7 +332,7 @@ class TcpTransport(Transport):
             self._counters["connect_failed"] += 1
             self._schedule_retry(now)
             return
-        conn = Connection(sock, remote, now, self.max_frame, connecting=True)
+        conn = Connection(sock, remote, now, self.frame_limit, connecting=True)
         self._client = conn
         # EPOLLOUT reports the end of a non-blocking connect, whichever way it went.
         self._add(conn, _IN | _OUT)

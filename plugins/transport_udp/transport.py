@@ -1,19 +1,48 @@
-"""UDP transport: non-blocking socket, drained in batches by the engine's pump."""
+"""UDP transport: non-blocking socket, drained in batches by the engine's pump.
+
+On Linux it sends runs of equal-sized datagrams with one sendmsg() (UDP_SEGMENT) and takes
+them in with one recvmsg() (UDP_GRO), so a burst costs a few system calls, not one per
+packet; both fall back to one datagram per call where the kernel lacks them. Frames bigger
+than the engine's datagram size (offload super-packets) travel as pieces (fragments.py).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import socket
+import struct
+import sys
 from collections.abc import Callable
 
 from ...core.contracts import Endpoint, Transport
+from ...core.protocol import MAX_FRAME
+from . import fragments
+
+log = logging.getLogger("ctun.udp")
 
 DEFAULT_PORT = 2511
-# Large buffers absorb bursts from the tun while the other thread is busy sealing.
+# Large buffers absorb bursts while the pump is busy sealing or opening a batch. They are
+# forced past net.core.[rw]mem_max where we may (root): the default cap of 208 KB holds
+# only ~150 full-size frames, which one burst of a fast TCP flow overruns.
 SOCKET_BUFFER = 4 * 1024 * 1024
-# Read one byte more than the largest frame we accept, so oversized datagrams are seen as such.
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+GSO_MAX_SEGMENTS = 64  # per sendmsg(): the kernel's UDP_MAX_SEGMENTS on older kernels
+GSO_MAX_BYTES = 60000  # per sendmsg(): well inside the 64 KB an IP packet may hold
+DEFAULT_DATAGRAM = 1432  # the default MTU (1400) plus the tunnel's 32 bytes
+# The largest datagram (or GRO batch of them) that can arrive, and one byte more, so that
+# anything bigger shows up as truncated rather than as a damaged frame.
 RECV_SIZE = 65536
+_ANC_SPACE = socket.CMSG_SPACE(4)
+_GRO_SIZE = struct.Struct("=i")
+_SEGMENT_SIZE = struct.Struct("=H")
+# What sendmsg() says when the kernel or the device cannot segment UDP.
+_NO_GSO = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 
 # Errors that mean "this datagram did not go", not "the transport is broken".
 _TRANSIENT = frozenset(
@@ -24,18 +53,36 @@ _TRANSIENT = frozenset(
 
 class UdpTransport(Transport):
     name = "udp"
-    max_frame = 65507  # the largest UDP payload over IPv4
+    max_frame = MAX_FRAME  # bigger than a datagram: such frames travel in pieces
 
     def __init__(self, sock: socket.socket, connected: bool) -> None:
         self._sock = sock
         self._connected = connected
         self.errors = 0  # transient send/receive errors, for the status view
+        self.truncated = 0  # datagrams bigger than any frame
         self._closed = False
+        self._datagram = DEFAULT_DATAGRAM
+        self._frame_id = 0
+        self._reassembly = fragments.Reassembly(self.max_frame)
+        self._buffer = bytearray(RECV_SIZE)
+        self._view = memoryview(self._buffer)
         sock.setblocking(False)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        for force, opt in ((SO_RCVBUFFORCE, socket.SO_RCVBUF),
+                           (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
             # A smaller buffer still works, it just drops bursts sooner.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        self.gso = sys.platform.startswith("linux")
+        self.gro = False
+        if self.gso:
+            try:
+                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+                self.gro = True
+            except OSError:
+                pass
 
     @classmethod
     def listen(cls, bind: Endpoint) -> UdpTransport:
@@ -54,14 +101,28 @@ class UdpTransport(Transport):
     def fileno(self) -> int:
         return self._sock.fileno()
 
+    def use_offloads(self, enabled: bool) -> None:
+        if enabled:
+            return  # on from the start where the kernel has them
+        self.gso = False
+        if self.gro:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(SOL_UDP, UDP_GRO, 0)
+            self.gro = False
+
+    def set_datagram_size(self, size: int) -> None:
+        self._datagram = max(size, fragments.HEADER_LEN + 64)
+
     def receive(self, limit: int = 64) -> list[tuple[bytes, Endpoint]]:
         frames: list[tuple[bytes, Endpoint]] = []
         if self._closed:
             return frames
-        recvfrom = self._sock.recvfrom
+        if not hasattr(self._sock, "recvmsg_into"):  # Windows
+            return self._receive_plain(limit)
+        recvmsg_into, view, buffers = self._sock.recvmsg_into, self._view, [self._buffer]
         while len(frames) < limit:
             try:
-                data, addr = recvfrom(RECV_SIZE)
+                size, ancillary, flags, addr = recvmsg_into(buffers, _ANC_SPACE)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -70,14 +131,111 @@ class UdpTransport(Transport):
                     self.errors += 1
                     continue
                 raise
-            frames.append((data, (addr[0], addr[1])))
+            if flags & socket.MSG_TRUNC:
+                self.truncated += 1
+                continue
+            source = (addr[0], addr[1])
+            if size == 0:
+                frames.append((b"", source))  # the engine counts it as too short
+                continue
+            segment = size
+            for level, kind, data in ancillary:
+                if level == SOL_UDP and kind == UDP_GRO and len(data) >= _GRO_SIZE.size:
+                    segment = _GRO_SIZE.unpack_from(data)[0] or size
+            # With GRO one read may hold many datagrams, all `segment` long but the last.
+            for start in range(0, size, segment):
+                self._take(bytes(view[start:min(start + segment, size)]), source, frames)
         return frames
 
+    def _receive_plain(self, limit: int) -> list[tuple[bytes, Endpoint]]:
+        frames: list[tuple[bytes, Endpoint]] = []
+        recvfrom = self._sock.recvfrom
+        while len(frames) < limit:
+            try:
+                data, addr = recvfrom(RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in _TRANSIENT:
+                    self.errors += 1
+                    continue
+                raise
+            self._take(data, (addr[0], addr[1]), frames)
+        return frames
+
+    def _take(self, datagram: bytes, source: Endpoint, frames: list[tuple[bytes, Endpoint]]
+              ) -> None:
+        if datagram and datagram[0] == fragments.MARKER:
+            frame = self._reassembly.add(datagram, source)
+            if frame is not None:
+                frames.append((frame, source))
+        else:
+            frames.append((datagram, source))
+
     def send(self, frame: bytes, to: Endpoint) -> None:
-        if len(frame) > self.max_frame:
-            raise ValueError(f"frame of {len(frame)} bytes is over {self.max_frame}")
+        if len(frame) > self._datagram:
+            self.send_many([frame], to)
+            return
         if self._closed:
             return
+        self._send_one(frame, to)
+
+    def send_many(self, frames: list[bytes], to: Endpoint) -> None:
+        if self._closed:
+            return
+        datagrams: list[bytes] = []
+        for frame in frames:
+            if len(frame) > self.max_frame:
+                raise ValueError(f"frame of {len(frame)} bytes is over {self.max_frame}")
+            if len(frame) > self._datagram:
+                self._frame_id = (self._frame_id + 1) & 0xFFFFFFFF
+                datagrams += fragments.split(frame, self._datagram, self._frame_id)
+            else:
+                datagrams.append(frame)
+        if not self.gso or len(datagrams) == 1:
+            for datagram in datagrams:
+                self._send_one(datagram, to)
+            return
+        start, count = 0, len(datagrams)
+        while start < count:
+            # A run of equal sizes, optionally ended by one shorter datagram: what one
+            # UDP_SEGMENT send can carry.
+            size = len(datagrams[start])
+            end, total = start + 1, size
+            while end < count and end - start < GSO_MAX_SEGMENTS:
+                following = len(datagrams[end])
+                if following > size or total + following > GSO_MAX_BYTES:
+                    break
+                total += following
+                end += 1
+                if following < size:
+                    break
+            if end - start == 1:
+                self._send_one(datagrams[start], to)
+            else:
+                self._send_segmented(datagrams[start:end], size, to)
+            start = end
+
+    def _send_segmented(self, run: list[bytes], size: int, to: Endpoint) -> None:
+        ancillary = [(SOL_UDP, UDP_SEGMENT, _SEGMENT_SIZE.pack(size))]
+        try:
+            if self._connected:
+                self._sock.sendmsg(run, ancillary)
+            else:
+                self._sock.sendmsg(run, ancillary, 0, to)
+        except OSError as exc:
+            if exc.errno in _NO_GSO:
+                log.info("UDP segmentation offload unavailable here (%s); sending one "
+                         "datagram per call", exc.strerror)
+                self.gso = False
+                for datagram in run:
+                    self._send_one(datagram, to)
+                return
+            if exc.errno not in _TRANSIENT:
+                raise
+            self.errors += 1
+
+    def _send_one(self, frame: bytes, to: Endpoint) -> None:
         try:
             if self._connected:
                 self._sock.send(frame)
@@ -93,7 +251,14 @@ class UdpTransport(Transport):
         self._sock.close()
 
     def stats(self) -> dict[str, int]:
-        return {"errors": self.errors}
+        return {
+            "errors": self.errors,
+            "truncated": self.truncated,
+            "pieces_invalid": self._reassembly.invalid,
+            "frames_incomplete": self._reassembly.incomplete,
+            "gso": int(self.gso),
+            "gro": int(self.gro),
+        }
 
 
 def _socket(action: Callable[[socket.socket, Endpoint], None], endpoint: Endpoint
