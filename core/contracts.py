@@ -6,6 +6,7 @@ Optional operations do nothing by default, required ones are abstract (sshuttle'
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from ipaddress import IPv4Address, IPv4Network
 from typing import ClassVar
@@ -106,6 +107,11 @@ class PlatformAdapter(ABC):
         """Undo everything this adapter did: routes, addresses, the interface, sysctls."""
 
     # Optional operations: adapters for hosts that never forward leave these as they are.
+
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        """Group many calls (a thousand routes): the adapter may share one OS handle and one
+        reading of the routing table among them. Calls behave the same either way."""
+        return contextlib.nullcontext()
 
     def enable_forwarding(self) -> None:
         """Let the OS forward packets between interfaces (needed on the VM side only)."""

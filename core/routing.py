@@ -52,6 +52,10 @@ class HostRoutes:
             self._reconcile()
 
     def _reconcile(self) -> None:
+        with self._adapter.batch():
+            self._reconcile_batched()
+
+    def _reconcile_batched(self) -> None:
         plan = docker_policy.plan(
             self._networks.values(), self._cfg.docker, self._cfg.routes,
             self._cfg.tunnel.network, self._adapter.conflicting_route,

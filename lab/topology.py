@@ -310,7 +310,7 @@ class Lab:
         # --no-docker: the lab's "VM" has no engine; the machine's own one is not ours.
         argv = [python or sys.executable, "-m", "ctun", "up", "--no-ui", "--no-docker",
                 "--listen", str(HOST_UNDERLAY), "--route", str(CONTAINER_SUBNET),
-                "--key-file", str(self.key_file), *extra_args]  # fmt: skip
+                "--key-file", str(self.key_file), *offload_args(), *extra_args]  # fmt: skip
         return self.spawn(self.host_ns, argv, name)
 
     def start_agent(
@@ -327,7 +327,7 @@ class Lab:
         except AssertionError as exc:
             raise AssertionError(f"{exc}; daemon log:\n{self.log('daemon')}") from None
         argv = [python or sys.executable, "-m", "ctun", "vm", "--host", str(HOST_UNDERLAY),
-                "--key-file", str(self.key_file), *extra_args]  # fmt: skip
+                "--key-file", str(self.key_file), *offload_args(), *extra_args]  # fmt: skip
         return self.spawn(self.vm_ns, argv, name)
 
     def log(self, name: str) -> str:
@@ -392,6 +392,15 @@ class Lab:
             argv += ["-M", "do"]  # forbid fragmentation: oversize packets must fail
         argv.append(str(dst))
         return netns.run(ns, argv, check=False, timeout=count * 0.2 + timeout + 10)
+
+
+OFFLOAD_ENV = "CTUN_LAB_OFFLOAD"
+
+
+def offload_args() -> tuple[str, ...]:
+    """`CTUN_LAB_OFFLOAD=off` runs every lab tunnel without kernel offloads, so the whole
+    end-to-end suite can be run once each way (./dev test does)."""
+    return ("--no-offload",) if os.environ.get(OFFLOAD_ENV) == "off" else ()
 
 
 def _write_sysctl(key: str, value: str) -> None:

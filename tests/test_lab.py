@@ -131,6 +131,7 @@ def test_stop_escalates_to_sigkill(lab: Lab) -> None:
 def test_start_daemon_and_agent_argv(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
     # The ctun CLI is not what is under test here: an echo stands in for the interpreter.
     monkeypatch.setattr(sys, "executable", "/bin/echo")
+    monkeypatch.delenv("CTUN_LAB_OFFLOAD", raising=False)
     lab.key_file.unlink(missing_ok=True)
     with pytest.raises(AssertionError, match=r"timed out after 0.2s waiting for .*vm\.key"):
         lab.start_agent(key_timeout=0.2)
@@ -154,6 +155,12 @@ def test_start_daemon_and_agent_argv(lab: Lab, monkeypatch: pytest.MonkeyPatch) 
     assert lab.log("agent").split() == [
         "-m", "ctun", "vm", "--host", "10.251.0.1", "--key-file", str(lab.key_file), "--verbose",
     ]  # fmt: skip
+    # The switch that runs the end-to-end suite a second time without kernel offloads.
+    monkeypatch.setenv("CTUN_LAB_OFFLOAD", "off")
+    assert lab.start_agent().wait(timeout=10) == 0
+    assert lab.log("agent").split()[-1] == "--no-offload"
+    assert lab.start_daemon().wait(timeout=10) == 0
+    assert lab.log("daemon").split()[-1] == "--no-offload"
     lab.key_file.unlink()
 
 

@@ -457,3 +457,66 @@ def test_unprivileged_user_gets_a_one_line_error(ns: str, run_dir: Path) -> None
     assert "\n" not in message and "run ctun as root" in message
     assert IFNAME not in link_names(ns)
     assert list(run_dir.iterdir()) == []
+
+
+@needs_root
+def test_a_batch_adds_routes_fast_and_the_same_as_one_at_a_time(
+        ns: str, adapter: LinuxAdapter) -> None:
+    other = "ctdum0"
+    netns.run(ns, ["ip", "link", "add", other, "type", "veth", "peer", "name", "ctdum1"])
+    netns.run(ns, ["ip", "link", "set", other, "up"])
+    netns.run(ns, ["ip", "route", "add", "10.30.0.0/24", "dev", other])
+    open_configured(ns, adapter)
+    alone = IPv4Network("10.61.0.0/24")
+    netns.call_in(ns, adapter.add_route, alone)
+    many = [IPv4Network(f"10.62.{i // 256}.{i % 256}/32") for i in range(500)]
+    results: dict[str, Any] = {}
+
+    def batched() -> None:
+        with adapter.batch():
+            for network in many:
+                adapter.add_route(network)
+            adapter.add_route(many[0])  # again: still not an error
+            adapter.add_route(IPv4Network("10.63.0.0/24"), via=PEER)
+            results["conflict"] = adapter.conflicting_route(IPv4Network("10.30.0.0/16"))
+            results["free"] = adapter.conflicting_route(IPv4Network("10.62.0.0/16"))
+            try:
+                adapter.add_route(IPv4Network("10.30.0.0/24"))
+            except PlatformError as exc:
+                results["error"] = str(exc)
+
+    netns.call_in(ns, batched)
+    assert results == {"conflict": f"10.30.0.0/24 dev {other}", "free": None,
+                       "error": f"cannot add route 10.30.0.0/24: the route 10.30.0.0/24 dev "
+                                f"{other} already exists; remove it or replace it"}
+    routes = netns.call_in(ns, adapter.routes)
+    assert set(many) <= set(routes) and routes.count(many[0]) == 1
+    shape = ("protocol", "scope", "type", "flags")
+    (one,) = ip_json(ns, "-d", "route", "show", str(alone))
+    (fast,) = ip_json(ns, "-d", "route", "show", str(many[7]))
+    assert {k: one.get(k) for k in shape} == {k: fast.get(k) for k in shape}
+    assert fast["dev"] == IFNAME
+    (via,) = ip_json(ns, "route", "show", "10.63.0.0/24")
+    assert via["gateway"] == str(PEER)
+    # close() removes them all, batched or not.
+    netns.call_in(ns, adapter.close)
+    assert ip_json(ns, "route", "show", "10.62.0.0/16", "root", "10.62.0.0/16") == []
+
+
+@needs_root
+def test_offload_tun_switches_tso_on_and_off(ns: str, adapter: LinuxAdapter) -> None:
+    adapter.offload = True
+    tun = open_configured(ns, adapter)
+    assert tun.vnet and not tun.offload
+
+    def features() -> str:
+        return netns.run(ns, ["ethtool", "-k", IFNAME], check=False).stdout
+
+    if shutil.which("ethtool"):
+        assert "tcp-segmentation-offload: off" in features()
+    tun.set_offload(True)
+    assert tun.offload
+    if shutil.which("ethtool"):
+        assert "tcp-segmentation-offload: on" in features()
+    tun.set_offload(False)
+    assert not tun.offload
