@@ -36,6 +36,9 @@ class Plan:
     max_steps: int = 8
     max_pps: int = 400_000
     min_pps: int = 1_000
+    retry_failures: int = 1
+    """After a rate has passed, a failing probe is run again this many times before the
+    search stops: on a small machine one probe in several is hit by a burst of other work."""
     shortfall_limit: float = 1.0
     """Percent of shortfall; a probe at or above it is not sustainable."""
     sender_reach: float = 0.9
@@ -54,11 +57,15 @@ class Outcome(Generic[P]):
 def search(measure: Callable[[int], P], plan: Plan = Plan()) -> Outcome[P]:
     outcome: Outcome[P] = Outcome(best=None)
     rate = plan.start_pps
+    retries = plan.retry_failures
     for _ in range(plan.max_steps):
         probe = measure(rate)
         outcome.probes.append(probe)
         descending = len(outcome.probes) > 1 and outcome.best is None
         if probe.shortfall_percent >= plan.shortfall_limit:
+            if outcome.best is not None and retries > 0:
+                retries -= 1
+                continue
             if outcome.best is not None:
                 outcome.stopped = f"{probe.shortfall_percent:.2f}% short at {rate} pps"
                 return outcome
@@ -68,6 +75,7 @@ def search(measure: Callable[[int], P], plan: Plan = Plan()) -> Outcome[P]:
             rate = max(plan.min_pps, round(rate / plan.factor))
             continue
         outcome.best = probe
+        retries = plan.retry_failures
         if descending:
             outcome.stopped = f"the first rate under the limit below {plan.start_pps} pps"
             return outcome

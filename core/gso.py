@@ -38,6 +38,32 @@ def wire_to_vnet(wire: bytes | memoryview) -> bytes:
     return _VNET.pack(*_WIRE.unpack_from(wire))
 
 
+def finish_checksum(vnet_packet: bytes) -> bytes | None:
+    """The bare packet with its checksum completed, for a packet the kernel handed over with
+    only NEEDS_CSUM set (no segmentation); None for anything else.
+
+    Sent that way it travels as ordinary DATA, and the far kernel takes a finished packet:
+    measured here, that costs the pair of pumps less than carrying the header along.
+    """
+    flags, gso_type, _hdr, _size, start, offset = _VNET.unpack_from(vnet_packet)
+    if gso_type != GSO_NONE or flags & ~F_DATA_VALID != F_NEEDS_CSUM:
+        return None
+    packet = bytearray(vnet_packet[HEADER_LEN:])
+    where = start + offset
+    if start >= len(packet) or where + 2 > len(packet):
+        return None
+    covered = packet[start:]
+    if len(covered) % 2:
+        covered += b"\x00"
+    # The ones'-complement sum of 16-bit words is the number they make, modulo 0xFFFF
+    # (2**16 is 1 modulo 0xFFFF); the field holds the pseudo-header's sum already.
+    total = int.from_bytes(covered, "big") % 0xFFFF
+    checksum = 0xFFFF - total if total else 0xFFFF
+    # 0 would mean "no checksum" to UDP; 0xFFFF is the same value to everyone.
+    packet[where:where + 2] = (checksum or 0xFFFF).to_bytes(2, "big")
+    return bytes(packet)
+
+
 def check_gso_inner(payload: bytes, allowed_sources: Prefixes, mtu: int) -> None:
     """Sanity of a decrypted DATA_GSO payload (header + IPv4 packet) before the kernel sees
     it. The kernel validates the header again; this keeps a confused peer's nonsense (and

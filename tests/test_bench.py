@@ -204,9 +204,26 @@ class FakePath:
 def test_search_steps_up_until_the_loss_limit_and_reports_the_rate_before() -> None:
     path = FakePath(capacity=50_000)
     outcome = search(path)
-    assert path.offered == [20_000, 26_000, 33_800, 43_940, 57_122]
+    # The failing rate is tried twice: one bad probe is not enough to stop on.
+    assert path.offered == [20_000, 26_000, 33_800, 43_940, 57_122, 57_122]
     assert outcome.best is not None and outcome.best.target_pps == 43_940
     assert "short at 57122 pps" in outcome.stopped
+
+
+def test_one_noisy_probe_does_not_end_the_search() -> None:
+    path = FakePath(capacity=50_000)
+    noisy = {26_000}
+
+    def flaky(pps: int) -> FakeProbe:
+        probe = path(pps)
+        if pps in noisy:
+            noisy.discard(pps)
+            return FakeProbe(pps, probe.sent_pps, 9.0)
+        return probe
+
+    outcome = search(flaky)
+    assert path.offered == [20_000, 26_000, 26_000, 33_800, 43_940, 57_122, 57_122]
+    assert outcome.best is not None and outcome.best.target_pps == 43_940
 
 
 def test_search_stops_after_max_steps() -> None:

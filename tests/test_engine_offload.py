@@ -122,6 +122,24 @@ def test_super_packets_go_whole_as_data_gso_and_plain_ones_as_data() -> None:
     assert (counters.tx_packets, counters.tx_super, counters.tx_bytes) == (2, 1, 30100)
 
 
+def test_a_packet_with_only_its_checksum_left_goes_finished_as_data() -> None:
+    engine, interface, transport, _, opener = vm_engine(vnet=True, peer_gso=False)
+    packet = bytearray(tcp(300, src="192.168.251.1"))
+    packet[36:38] = b"\x12\x34"  # what the kernel leaves: the pseudo-header's sum
+    interface.incoming = [struct.pack("<BBHHHH", 1, 0, 0, 0, 20, 16) + bytes(packet)]
+    engine._from_interface()
+    (frame,) = transport.sent
+    assert frame[0] == FrameType.DATA
+    sent = opener.open(frame)
+    assert sent[:36] == packet[:36] and sent[38:] == packet[38:]
+    # The segment's words (the new checksum among them) plus the pseudo-header's sum the
+    # kernel had left there add up, in ones' complement, to all ones.
+    total = sum(struct.unpack("!140H", sent[20:])) + 0x1234
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    assert total == 0xFFFF
+
+
 def test_a_peer_that_did_not_ask_for_super_packets_never_gets_one() -> None:
     engine, interface, transport, _, _ = vm_engine(vnet=True, peer_gso=False)
     interface.incoming = [struct.pack("<BBHHHH", 1, 1, 40, 1348, 20, 16) + tcp(3000)]
