@@ -69,6 +69,8 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
                     help="how the agent reaches this host (default host.docker.internal)")
     up.add_argument("--agent-base", metavar="IMAGE",
                     help="base image for the agent (default python:3.11-slim-bookworm)")
+    up.add_argument("--control-group", metavar="GROUP",
+                    help="group whose members may use `ctun status`/`ctun tui` (default ctun)")
     _tunnel_flags(up, "ctun0")
 
     down = sub.add_parser("down", help="stop the daemon; it removes the agent container")
@@ -84,6 +86,25 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
     status.add_argument("--interface", default="ctun0", metavar="NAME",
                         help="which instance to ask (default ctun0; the agent's is ctunvm0)")
+
+    routes = sub.add_parser("routes", help="show the route table; add or remove a route")
+    routes.add_argument("action", nargs="?", choices=["list", "add", "remove"], default="list",
+                        help="list (default), or add/remove NETWORK until the daemon stops")
+    routes.add_argument("network", nargs="?", metavar="NETWORK", help="e.g. 10.5.0.0/16")
+    routes.add_argument("--json", action="store_true", help="print the answer as JSON")
+    routes.add_argument("--interface", default="ctun0", metavar="NAME",
+                        help="which instance to ask (default ctun0)")
+
+    peers = sub.add_parser("peers", help="show the peers: state, endpoint, counters")
+    peers.add_argument("--json", action="store_true", help="print the peers as JSON")
+    peers.add_argument("--interface", default="ctun0", metavar="NAME",
+                       help="which instance to ask (default ctun0; the agent's is ctunvm0)")
+
+    reconnect = sub.add_parser("reconnect", help="end a peer's session; the agent connects "
+                               "again at once with a fresh handshake")
+    reconnect.add_argument("peer", nargs="?", help="which peer (default: the only one)")
+    reconnect.add_argument("--interface", default="ctun0", metavar="NAME",
+                           help="which instance to ask (default ctun0)")
 
     plugins = sub.add_parser("plugins", help="list the loaded plugins: versions, hooks, "
                              "transports and platform adapters")
@@ -164,7 +185,7 @@ def _run_tunnel(args: argparse.Namespace) -> int:
     _require_root(f"ctun {args.command}")
     if args.command == "up":
         cfg: Any = config.load_host_config(
-            args.config, _overrides(args, (*_COMMON, "listen", *_DOCKER_FLAGS)))
+            args.config, _overrides(args, (*_COMMON, "listen", "control_group", *_DOCKER_FLAGS)))
         from .core.daemon import run
     else:
         cfg = config.load_agent_config(args.config, _overrides(args, (*_COMMON, "host")))
@@ -193,16 +214,94 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _routes(args: argparse.Namespace) -> int:
+    from .core import control
+
+    path = control.socket_path(args.interface)
+    if args.action == "list":
+        if args.network:
+            raise UserError("`ctun routes` lists all routes; to add one: ctun routes add NETWORK")
+        answer = control.request(path, "routes")
+        print(json.dumps(answer["route_table"], indent=2) if args.json
+              else "\n".join(format_route_table(answer["route_table"])))
+        return 0
+    if not args.network:
+        raise UserError(f"ctun routes {args.action} needs a NETWORK, like 10.5.0.0/16")
+    cmd = "add_route" if args.action == "add" else "remove_route"
+    answer = control.request(path, cmd, network=args.network)
+    if args.json:
+        print(json.dumps({k: v for k, v in answer.items() if k not in ("v", "ok")}))
+    elif args.action == "add":
+        route = answer.get("route") or {}
+        detail = f": {route['detail']}" if route.get("detail") else ""
+        print(f"{args.network}: {route.get('state', 'added')}{detail}")
+    else:
+        print(f"{args.network}: removed")
+    return 0
+
+
+def _peers(args: argparse.Namespace) -> int:
+    from .core import control
+
+    answer = control.request(control.socket_path(args.interface), "peers")
+    print(json.dumps(answer["peers"], indent=2) if args.json
+          else "\n".join(format_peers(answer["peers"])))
+    return 0
+
+
+def _reconnect(args: argparse.Namespace) -> int:
+    from .core import control
+
+    extra = {"peer": args.peer} if args.peer else {}
+    answer = control.request(control.socket_path(args.interface), "reconnect", **extra)
+    print(f"peer {answer['peer']}: " + ("session ended; it reconnects now"
+                                         if answer["was_connected"] else "was not connected"))
+    return 0
+
+
+def format_route_table(table: list[dict[str, Any]]) -> list[str]:
+    lines = [f"{'SUBNET':<20} {'SOURCE':<28} {'STATE':<16} DETAIL"]
+    for d in table:
+        lines.append(f"{d['subnet']:<20} {d['source']:<28} {d['state']:<16} {d['detail']}")
+    return lines
+
+
 def format_status(status: dict[str, Any]) -> str:
     lines = [
         f"ctun {status['role']} {status['version']}  interface {status['interface']}  "
         f"{status['transport']} {status['local_endpoint'][0]}:{status['local_endpoint'][1]}  "
         f"up {status['uptime']:.0f} s",
     ]
+    lines += format_peers(status["peers"])
+    if status.get("drops"):
+        drops = ", ".join(f"{k} {v}" for k, v in sorted(status["drops"].items()))
+        lines.append(f"unauthenticated drops: {drops}")
+    docker = status.get("docker")
+    if docker:
+        reason = f" ({docker['error']})" if docker.get("error") else ""
+        lines.append(f"docker: {docker['state']}{reason}   agent: {status.get('agent', '-')}")
+    view = status.get("agent_view") or {}
+    if view.get("firewall"):
+        fw = view["firewall"]
+        state = f"error: {fw['error']}" if fw.get("error") else \
+            f"{fw.get('backend')}, {fw.get('rules')} rules"
+        bridges = ", ".join(f"{k} -> {v}" for k, v in sorted(view.get("bridges", {}).items()))
+        lines.append(f"agent firewall: {state}" + (f"; bridges: {bridges}" if bridges else ""))
+    if status.get("route_table"):
+        lines += format_route_table(status["route_table"])
+    elif "routes" in status:
+        lines.append("routes: " + (", ".join(status["routes"]) or "none"))
+    for problem in status.get("route_problems", []):
+        lines.append(f"warning: {problem}")
+    return "\n".join(lines)
+
+
+def format_peers(peers: list[dict[str, Any]]) -> list[str]:
+    lines = []
     header = f"{'PEER':<8} {'STATE':<11} {'ENDPOINT':<22} {'HANDSHAKE':>9} {'RTT ms':>7} " \
              f"{'RX pkts':>9} {'RX bytes':>11} {'TX pkts':>9} {'TX bytes':>11}"
     lines.append(header)
-    for p in status["peers"]:
+    for p in peers:
         endpoint = f"{p['endpoint'][0]}:{p['endpoint'][1]}" if p["endpoint"] else "-"
         age = f"{p['handshake_age']:.0f} s" if p["handshake_age"] is not None else "-"
         rtt = f"{p['rtt_ms']:.2f}" if p["rtt_ms"] is not None else "-"
@@ -219,29 +318,7 @@ def format_status(status: dict[str, Any]) -> str:
         if p["drops"]:
             drops = ", ".join(f"{k} {v}" for k, v in sorted(p["drops"].items()))
             lines.append(f"{'':<8} drops: {drops}")
-    if status.get("drops"):
-        drops = ", ".join(f"{k} {v}" for k, v in sorted(status["drops"].items()))
-        lines.append(f"unauthenticated drops: {drops}")
-    docker = status.get("docker")
-    if docker:
-        reason = f" ({docker['error']})" if docker.get("error") else ""
-        lines.append(f"docker: {docker['state']}{reason}   agent: {status.get('agent', '-')}")
-    view = status.get("agent_view") or {}
-    if view.get("firewall"):
-        fw = view["firewall"]
-        state = f"error: {fw['error']}" if fw.get("error") else \
-            f"{fw.get('backend')}, {fw.get('rules')} rules"
-        bridges = ", ".join(f"{k} -> {v}" for k, v in sorted(view.get("bridges", {}).items()))
-        lines.append(f"agent firewall: {state}" + (f"; bridges: {bridges}" if bridges else ""))
-    if status.get("route_table"):
-        lines.append(f"{'SUBNET':<20} {'SOURCE':<28} {'STATE':<16} DETAIL")
-        for d in status["route_table"]:
-            lines.append(f"{d['subnet']:<20} {d['source']:<28} {d['state']:<16} {d['detail']}")
-    elif "routes" in status:
-        lines.append("routes: " + (", ".join(status["routes"]) or "none"))
-    for problem in status.get("route_problems", []):
-        lines.append(f"warning: {problem}")
-    return "\n".join(lines)
+    return lines
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -373,6 +450,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": _run_tunnel,
     "vm": _run_tunnel,
     "status": _status,
+    "routes": _routes,
+    "peers": _peers,
+    "reconnect": _reconnect,
     "down": _down,
     "plugins": _plugins,
     "demo": _demo,

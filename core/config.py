@@ -94,7 +94,7 @@ _COMMON_KEYS = frozenset(
         "handshake_skew",
     }
 )
-_HOST_KEYS = _COMMON_KEYS | {"listen", "routes", "peers", "docker"}
+_HOST_KEYS = _COMMON_KEYS | {"listen", "routes", "peers", "docker", "control_group"}
 # Flags that set a key inside a table ([docker]) rather than a top-level key.
 _HOST_FLAG_ONLY = frozenset({"docker_enabled", "docker_agent", "agent_host", "agent_base"})
 _AGENT_KEYS = _COMMON_KEYS | {"host"}
@@ -103,6 +103,7 @@ _PEER_KEYS = frozenset({"key", "key_file", "allowed"})
 _INTERFACE_RE = re.compile(r"ctun[a-z0-9_-]{0,11}")  # 15 characters at most: Linux IFNAMSIZ
 _TRANSPORT_RE = re.compile(r"[a-z][a-z0-9_-]*")
 _PEER_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_GROUP_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _DOTTED_RE = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _CIDR_RE = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3})(?:/(\d{1,2}))?")
 # RFC 1123 labels, plus "_" because Docker resolves container names that contain it.
@@ -163,6 +164,7 @@ class HostConfig:
     timers: Timers
     source: str | None  # the config file it came from, if any
     docker: DockerConfig = field(default_factory=DockerConfig)
+    control_group: str = "ctun"  # may use the control socket (ctun status, ctun tui)
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,10 @@ def load_host_config(path: str | None, overrides: Mapping[str, object]) -> HostC
     vm_key_file = _path(s.get("key_file", str(default_state_dir() / "vm.key")))
     extra = _peer_specs(s.get("peers", {}), file_mode)
     docker = docker_config(s.get("docker", {}), s.overrides)
+    group_v = s.get("control_group", "ctun")
+    control_group = _str(group_v, '"ctun"')
+    if not _GROUP_RE.fullmatch(control_group):
+        raise group_v.error('must be a group name (letters, digits, "_", "-"), like "ctun"')
 
     # The file system comes last, so that a config with a typo creates no key file.
     peers = [PeerConfig(VM_PEER, load_or_create_key(vm_key_file), ())]
@@ -315,6 +321,7 @@ def load_host_config(path: str | None, overrides: Mapping[str, object]) -> HostC
         timers=timers,
         source=source,
         docker=docker,
+        control_group=control_group,
     )
 
 

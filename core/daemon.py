@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from ipaddress import IPv4Network
 from typing import Any
 
 import pluggy
 
 from .. import __version__
-from . import messages, runtime
+from . import control, messages, runtime
 from .agent_container import AgentContainer
 from .config import VM_PEER, HostConfig
 from .contracts import PlatformError
@@ -91,7 +92,39 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
                 **routes.status(),
             }
 
-        runtime.serve(engine, cfg.tunnel.interface, stop, extra)
+        runtime.serve(engine, cfg.tunnel.interface, stop, extra, handlers=route_handlers(routes),
+                      group=cfg.control_group)
+
+
+def route_handlers(routes: HostRoutes) -> dict[str, control.Handler]:
+    """Control requests about routes: the table, and routes added or removed at runtime."""
+
+    def network_of(request: dict[str, Any]) -> IPv4Network:
+        value = request.get("network")
+        try:
+            return IPv4Network(str(value))
+        except ValueError:
+            raise control.RequestError(
+                f"network must be an IPv4 network like 10.1.0.0/24, not {value!r}") from None
+
+    def add(request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return {"route": routes.add_runtime(network_of(request))}
+        except ValueError as exc:
+            raise control.RequestError(str(exc)) from None
+
+    def remove(request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            routes.remove_runtime(network_of(request))
+        except ValueError as exc:
+            raise control.RequestError(str(exc)) from None
+        return {}
+
+    return {
+        "routes": lambda _req: {"route_table": routes.status()["route_table"]},
+        "add_route": add,
+        "remove_route": remove,
+    }
 
 
 def _follow_docker(

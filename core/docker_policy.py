@@ -133,8 +133,10 @@ def plan(
     static_routes: Iterable[IPv4Network],
     tunnel: IPv4Network,
     conflict: Callable[[IPv4Network], str | None],
+    runtime_routes: Iterable[IPv4Network] = (),
 ) -> Plan:
-    """Decide every subnet: config routes first, then Docker's, in a stable order."""
+    """Decide every subnet: config routes first, then those added over the control socket,
+    then Docker's, in a stable order."""
     result = Plan()
     taken: dict[IPv4Network, str] = {}
 
@@ -155,6 +157,8 @@ def plan(
 
     for route in static_routes:
         result.decisions.append(claim(route, "config"))
+    for route in runtime_routes:
+        result.decisions.append(claim(route, "control"))
     for network in sorted(networks, key=lambda n: (n.name, n.id)):
         source = f"docker:{network.name}"
         for subnet in network.subnets:

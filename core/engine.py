@@ -9,6 +9,7 @@ thread, so nothing slow sits on the packet path.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import queue
@@ -63,6 +64,7 @@ PROBE_EVERY = 10.0  # VM side, off the first path: how often to try the first pa
 MAX_SWITCHES_KEPT = 20
 PROBE_FLAG = b"\x01"  # a keepalive that tests a path: echo it there, do not move the peer
 SWITCH_INTERVAL = 0.0005
+RECENT_EVENTS = 200
 FEATURE_GSO = "gso"  # in hello: "send me DATA_GSO frames, my interface takes them"
 _INTERFACE = "interface"  # selector keys of the pump
 _WAKE = "wake"
@@ -154,6 +156,10 @@ class Engine:
         self._sessions: dict[int, tuple[Session, Peer]] = {}
         self._lock = threading.Lock()  # handshake and session bookkeeping, never per packet
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        # The latest events, for status views (the TUI's log); appended by the timer thread.
+        self.recent_events: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=RECENT_EVENTS)
+        self._event_id = 0
         self._on_event = on_event
         self._on_control_message = on_control
         # Tells the peer that our control sequence numbers start over (we restarted).
@@ -627,6 +633,21 @@ class Engine:
         if frame is not None and peer.endpoint is not None:
             self.transports[path].send(frame, peer.endpoint)
 
+    def disconnect(self, peer_name: str, reason: str) -> bool:
+        """End a peer's session now (thread-safe). The peer is told why and, if it is the VM
+        side, connects again at once with a fresh handshake. False: it had no session."""
+        peer = self._peer(peer_name)
+        if peer.current is None:
+            return False
+        self._send_close(peer, reason)
+        with self._lock:
+            for session in (peer.current, peer.previous, peer.pending_response):
+                if session is not None:
+                    self._forget(session)
+            peer.current = peer.previous = peer.pending_response = None
+        self._set_state(peer, "down" if self.role is Role.HOST else "connecting", reason)
+        return True
+
     def _send_close(self, peer: Peer, reason: str) -> None:
         """Best effort and unacknowledged: we are going, there is nobody left to retry."""
         session = peer.current
@@ -773,6 +794,9 @@ class Engine:
             except queue.Empty:
                 return
             log.info("peer %s: %s (%s)", peer, state, reason)
+            self._event_id += 1
+            self.recent_events.append({"id": self._event_id, "at": round(time.time(), 3),
+                                       "peer": peer, "state": state, "reason": reason})
             if self._on_event is not None:
                 try:
                     self._on_event(peer, state, reason)
@@ -801,6 +825,7 @@ class Engine:
             "uptime": round(now - self.started, 3),
             "drops": dict(drops),
             "peers": [self._peer_snapshot(p, now) for p in self.peers],
+            "events": list(self.recent_events),
         }
 
     def _peer_snapshot(self, peer: Peer, now: float) -> dict[str, Any]:

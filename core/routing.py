@@ -28,6 +28,7 @@ class HostRoutes:
         self._lock = threading.Lock()
         self._applied: set[IPv4Network] = set()
         self._networks: dict[str, NetworkInfo] = {}
+        self._runtime: set[IPv4Network] = set()  # added over the control socket
         self._generation = 0
         self.plan = Plan()
         self.docker_state = "connecting" if cfg.docker.enabled else "off"
@@ -59,6 +60,7 @@ class HostRoutes:
         plan = docker_policy.plan(
             self._networks.values(), self._cfg.docker, self._cfg.routes,
             self._cfg.tunnel.network, self._adapter.conflicting_route,
+            sorted(self._runtime),
         )
         desired = set(plan.routes)
         for network in sorted(desired - self._applied):
@@ -84,6 +86,31 @@ class HostRoutes:
         )
         if changed:
             self._push()
+
+    def add_runtime(self, network: IPv4Network) -> dict[str, Any]:
+        """Route `network` until the daemon stops or it is removed again; says how it went
+        (the same decision the route table shows: active, conflict, duplicate)."""
+        with self._lock:
+            if network in self._runtime or network in self._cfg.routes:
+                raise ValueError(f"{network} is already a configured route")
+            self._runtime.add(network)
+            self._reconcile()
+            return self._decision(network)
+
+    def remove_runtime(self, network: IPv4Network) -> None:
+        with self._lock:
+            if network not in self._runtime:
+                where = "the config file" if network in self._cfg.routes else "nowhere"
+                raise ValueError(f"{network} was not added over the control socket "
+                                 f"(it comes from {where})")
+            self._runtime.discard(network)
+            self._reconcile()
+
+    def _decision(self, network: IPv4Network) -> dict[str, Any]:
+        for decision in self.plan.decisions:
+            if decision.subnet == str(network) and decision.source == "control":
+                return asdict(decision)
+        return {}
 
     def push(self) -> None:
         """Send the agent the full set of routed subnets (on connect, and after changes)."""

@@ -99,6 +99,8 @@ def serve(
     name: str,
     stop: threading.Event,
     extra_status: Callable[[], dict[str, Any]],
+    handlers: dict[str, control.Handler] | None = None,
+    group: str | None = None,
 ) -> None:
     """Run the engine and its control socket until a signal or a shutdown request.
 
@@ -111,11 +113,33 @@ def serve(
         stop.set()
         return {}
 
-    handlers: dict[str, control.Handler] = {
-        "status": lambda _req: {"status": {**engine.snapshot(), **extra_status()}},
+    def status(_request: dict[str, Any]) -> dict[str, Any]:
+        return {"status": {**engine.snapshot(), **extra_status()}}
+
+    def disconnect(why: str) -> control.Handler:
+        def handler(request: dict[str, Any]) -> dict[str, Any]:
+            peer = request.get("peer")
+            names = [p.name for p in engine.peers]
+            if peer is None and len(names) == 1:
+                peer = names[0]
+            if peer not in names:
+                raise control.RequestError(f"peer must be one of {', '.join(names)}")
+            log.info("peer %s: %s over the control socket", peer, why)
+            return {"peer": peer, "was_connected": engine.disconnect(str(peer), why)}
+
+        return handler
+
+    handlers = {
+        "status": status,
         "shutdown": shutdown,
+        "peers": lambda _req: {"peers": engine.snapshot()["peers"]},
+        "transports": lambda _req: {"transports": engine.snapshot()["transports"]},
+        "reconnect": disconnect("reconnect requested"),
+        "kick": disconnect("disconnected by an administrator"),
+        **(handlers or {}),
     }
-    server = control.ControlServer(control.socket_path(name), handlers)
+    server = control.ControlServer(control.socket_path(name), handlers, group=group,
+                                   stream=status)
     engine.start()
     server.start()
     log.info("control socket at %s", server.path)

@@ -285,7 +285,7 @@ FILE_ERRORS = [
     ("keepalive = 1" + "0" * 400, "keepalive = <a very large number>: must be at least 0.1"),
     ("key_file = 3", "key_file = 3: must be a string"),
     ('key_file = ""', 'key_file = "": must be a file path'),
-    ("muu = 1", "unknown key 'muu' (known: addr, dead_after,"),
+    ("muu = 1", "unknown key 'muu' (known: addr, control_group, dead_after,"),
     ("muu = 1", "did you mean 'mtu'?"),
     ('host = "x"', "host: only for `ctun vm`"),
 ]
@@ -861,3 +861,14 @@ def test_arbitrary_overrides_only_raise_config_error(
         event("accepted")
         check_host_invariants(cfg, overrides)
         check_round_trip(cfg, tmp_path)
+
+
+def test_control_group_and_offload_settings(tmp_path: Path) -> None:
+    key = tmp_path / "vm.key"
+    cfg = load_host_config(None, {"key_file": str(key)})
+    assert cfg.control_group == "ctun" and cfg.tunnel.offload is True
+    cfg = load_host_config(None, {"key_file": str(key), "control_group": "docker",
+                                  "offload": False})
+    assert cfg.control_group == "docker" and cfg.tunnel.offload is False
+    with pytest.raises(ConfigError, match="--control-group"):
+        load_host_config(None, {"key_file": str(key), "control_group": "Bad Group"})
