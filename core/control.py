@@ -184,17 +184,8 @@ class ControlServer:
 
 def request(path: Path, cmd: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
     """Ask a running daemon or agent; raises ControlError with a one-line reason."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    sock = _connect(path, timeout)
     try:
-        try:
-            sock.connect(str(path))
-        except FileNotFoundError:
-            raise ControlError(f"no ctun is running here ({path} does not exist)") from None
-        except ConnectionRefusedError:
-            raise ControlError(f"no ctun is answering on {path} (left by a stopped run)") from None
-        except PermissionError:
-            raise ControlError(_permission_message(path)) from None
         sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
         with sock.makefile("rb") as stream:
             line = stream.readline()
@@ -208,6 +199,27 @@ def request(path: Path, cmd: str, timeout: float = 5.0, **args: Any) -> dict[str
     if not answer.get("ok"):
         raise ControlError(str(answer.get("error", "request failed")))
     return answer
+
+
+def _connect(path: Path, timeout: float) -> socket.socket:
+    """A connected socket to the daemon, or ControlError saying in one line why not."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except FileNotFoundError:
+        sock.close()
+        raise ControlError(f"no ctun is running here ({path} does not exist)") from None
+    except ConnectionRefusedError:
+        sock.close()
+        raise ControlError(f"no ctun is answering on {path} (left by a stopped run)") from None
+    except PermissionError:
+        sock.close()
+        raise ControlError(_permission_message(path)) from None
+    except OSError as exc:
+        sock.close()
+        raise ControlError(f"{path}: {exc}") from None
+    return sock
 
 
 def _subscribe_placeholder(_request: dict[str, Any]) -> dict[str, Any]:
@@ -248,17 +260,8 @@ def subscribe(path: Path, interval: float = 1.0, timeout: float = 5.0
               ) -> Generator[dict[str, Any], None, None]:
     """Snapshots from a running daemon every `interval` seconds, until it goes away (then the
     iteration ends); ControlError when it cannot be asked at all."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    sock = _connect(path, timeout)
     try:
-        try:
-            sock.connect(str(path))
-        except FileNotFoundError:
-            raise ControlError(f"no ctun is running here ({path} does not exist)") from None
-        except ConnectionRefusedError:
-            raise ControlError(f"no ctun is answering on {path} (left by a stopped run)") from None
-        except PermissionError:
-            raise ControlError(_permission_message(path)) from None
         sock.sendall(json.dumps({"cmd": "subscribe", "interval": interval}).encode() + b"\n")
         if isinstance(interval, (int, float)):
             sock.settimeout(timeout + 3 * interval)  # a daemon that stops talking is gone

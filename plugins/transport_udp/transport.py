@@ -117,12 +117,11 @@ class UdpTransport(Transport):
         frames: list[tuple[bytes, Endpoint]] = []
         if self._closed:
             return frames
-        if not hasattr(self._sock, "recvmsg_into"):  # Windows
-            return self._receive_plain(limit)
-        recvmsg_into, view, buffers = self._sock.recvmsg_into, self._view, [self._buffer]
+        # Windows has no recvmsg(): one datagram per call there.
+        read = self._read_batch if hasattr(self._sock, "recvmsg_into") else self._read_one
         while len(frames) < limit:
             try:
-                size, ancillary, flags, addr = recvmsg_into(buffers, _ANC_SPACE)
+                datagrams, source = read()
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -131,37 +130,30 @@ class UdpTransport(Transport):
                     self.errors += 1
                     continue
                 raise
-            if flags & socket.MSG_TRUNC:
-                self.truncated += 1
-                continue
-            source = (addr[0], addr[1])
-            if size == 0:
-                frames.append((b"", source))  # the engine counts it as too short
-                continue
-            segment = size
-            for level, kind, data in ancillary:
-                if level == SOL_UDP and kind == UDP_GRO and len(data) >= _GRO_SIZE.size:
-                    segment = _GRO_SIZE.unpack_from(data)[0] or size
-            # With GRO one read may hold many datagrams, all `segment` long but the last.
-            for start in range(0, size, segment):
-                self._take(bytes(view[start:min(start + segment, size)]), source, frames)
+            for datagram in datagrams:
+                self._take(datagram, source, frames)
         return frames
 
-    def _receive_plain(self, limit: int) -> list[tuple[bytes, Endpoint]]:
-        frames: list[tuple[bytes, Endpoint]] = []
-        recvfrom = self._sock.recvfrom
-        while len(frames) < limit:
-            try:
-                data, addr = recvfrom(RECV_SIZE)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno in _TRANSIENT:
-                    self.errors += 1
-                    continue
-                raise
-            self._take(data, (addr[0], addr[1]), frames)
-        return frames
+    def _read_batch(self) -> tuple[list[bytes], Endpoint]:
+        """One recvmsg(): with GRO, a run of datagrams, all `segment` long but the last."""
+        size, ancillary, flags, addr = self._sock.recvmsg_into([self._buffer], _ANC_SPACE)
+        source = (addr[0], addr[1])
+        if flags & socket.MSG_TRUNC:
+            self.truncated += 1
+            return [], source
+        if size == 0:
+            return [b""], source  # the engine counts it as too short
+        segment = size
+        for level, kind, data in ancillary:
+            if level == SOL_UDP and kind == UDP_GRO and len(data) >= _GRO_SIZE.size:
+                segment = _GRO_SIZE.unpack_from(data)[0] or size
+        view = self._view
+        return [bytes(view[start:min(start + segment, size)])
+                for start in range(0, size, segment)], source
+
+    def _read_one(self) -> tuple[list[bytes], Endpoint]:
+        data, addr = self._sock.recvfrom(RECV_SIZE)
+        return [data], (addr[0], addr[1])
 
     def _take(self, datagram: bytes, source: Endpoint, frames: list[tuple[bytes, Endpoint]]
               ) -> None:
