@@ -26,8 +26,12 @@ MAX_PIECES = 255  # the index is one byte; a 576-byte MTU still needs only ~110
 MAX_PARTIAL = 16  # frames being put together at once; the oldest is dropped beyond that
 
 
-def split(frame: bytes, piece_size: int, frame_id: int) -> list[bytes]:
-    """The pieces of `frame`, each at most `piece_size` bytes including its header."""
+Piece = tuple[bytes, memoryview]  # header, slice of the frame: sent without joining them
+
+
+def split(frame: bytes, piece_size: int, frame_id: int) -> list[Piece]:
+    """The pieces of `frame`, each at most `piece_size` bytes including its header; each
+    left as its header and a view of the frame, for a gathering sendmsg()."""
     room = piece_size - HEADER_LEN
     count = -(-len(frame) // room)
     if count > MAX_PIECES or count < 2:
@@ -35,9 +39,39 @@ def split(frame: bytes, piece_size: int, frame_id: int) -> list[bytes]:
                          "pieces")
     view = memoryview(frame)
     return [
-        HEADER.pack(MARKER, index, count, frame_id) + view[index * room:(index + 1) * room]
+        (HEADER.pack(MARKER, index, count, frame_id), view[index * room:(index + 1) * room])
         for index in range(count)
     ]
+
+
+def whole_frames(view: memoryview, size: int, segment: int) -> list[bytes] | None:
+    """The frames in one GRO read of `size` bytes in datagrams of `segment` bytes, when that
+    read holds whole frames' pieces in order (what one sender's burst gives): each frame is
+    joined straight from the buffer, skipping the per-piece bookkeeping. None otherwise, and
+    the caller takes the pieces one by one."""
+    frames: list[bytes] = []
+    start = 0
+    while start < size:
+        if view[start] != MARKER or size - start <= HEADER_LEN:
+            return None
+        _marker, index, count, frame_id = HEADER.unpack_from(view, start)
+        if index != 0 or count < 2:
+            return None
+        end = start + count * segment
+        if end > size:
+            # Only the batch's last datagram may be short, so only the last frame may end so.
+            if start + (count - 1) * segment >= size:
+                return None
+            end = size
+        parts = []
+        for k in range(count):
+            at = start + k * segment
+            if view[at:at + HEADER_LEN] != HEADER.pack(MARKER, k, count, frame_id):
+                return None
+            parts.append(view[at + HEADER_LEN:min(at + segment, end)])
+        frames.append(b"".join(parts))
+        start = end
+    return frames
 
 
 class Reassembly:

@@ -33,7 +33,7 @@ SOL_UDP = 17
 UDP_SEGMENT = 103
 UDP_GRO = 104
 GSO_MAX_SEGMENTS = 64  # per sendmsg(): the kernel's UDP_MAX_SEGMENTS on older kernels
-GSO_MAX_BYTES = 60000  # per sendmsg(): well inside the 64 KB an IP packet may hold
+GSO_MAX_BYTES = 65507  # per sendmsg(): what one IPv4 packet's UDP payload may be
 DEFAULT_DATAGRAM = 1432  # the default MTU (1400) plus the tunnel's 32 bytes
 # The largest datagram (or GRO batch of them) that can arrive, and one byte more, so that
 # anything bigger shows up as truncated rather than as a damaged frame.
@@ -148,6 +148,14 @@ class UdpTransport(Transport):
             if level == SOL_UDP and kind == UDP_GRO and len(data) >= _GRO_SIZE.size:
                 segment = _GRO_SIZE.unpack_from(data)[0] or size
         view = self._view
+        if segment < size and view[0] == fragments.MARKER:
+            frames = fragments.whole_frames(view, size, segment)
+            if frames is not None:
+                if any(len(f) > self.max_frame for f in frames):
+                    self._reassembly.invalid += 1
+                    return [], source
+                # Whole frames, not pieces: _take() sees their own type byte first.
+                return frames, source
         return [bytes(view[start:min(start + segment, size)])
                 for start in range(0, size, segment)], source
 
@@ -175,7 +183,8 @@ class UdpTransport(Transport):
     def send_many(self, frames: list[bytes], to: Endpoint) -> None:
         if self._closed:
             return
-        datagrams: list[bytes] = []
+        # Each datagram as the buffers it is made of: a frame, or a piece's header and slice.
+        datagrams: list[tuple[bytes | memoryview, ...]] = []
         for frame in frames:
             if len(frame) > self.max_frame:
                 raise ValueError(f"frame of {len(frame)} bytes is over {self.max_frame}")
@@ -183,19 +192,20 @@ class UdpTransport(Transport):
                 self._frame_id = (self._frame_id + 1) & 0xFFFFFFFF
                 datagrams += fragments.split(frame, self._datagram, self._frame_id)
             else:
-                datagrams.append(frame)
+                datagrams.append((frame,))
         if not self.gso or len(datagrams) == 1:
             for datagram in datagrams:
-                self._send_one(datagram, to)
+                self._send_one(b"".join(datagram), to)
             return
+        sizes = [sum(map(len, datagram)) for datagram in datagrams]
         start, count = 0, len(datagrams)
         while start < count:
             # A run of equal sizes, optionally ended by one shorter datagram: what one
             # UDP_SEGMENT send can carry.
-            size = len(datagrams[start])
+            size = sizes[start]
             end, total = start + 1, size
             while end < count and end - start < GSO_MAX_SEGMENTS:
-                following = len(datagrams[end])
+                following = sizes[end]
                 if following > size or total + following > GSO_MAX_BYTES:
                     break
                 total += following
@@ -203,25 +213,29 @@ class UdpTransport(Transport):
                 if following < size:
                     break
             if end - start == 1:
-                self._send_one(datagrams[start], to)
+                self._send_one(b"".join(datagrams[start]), to)
             else:
                 self._send_segmented(datagrams[start:end], size, to)
             start = end
 
-    def _send_segmented(self, run: list[bytes], size: int, to: Endpoint) -> None:
+    def _send_segmented(self, run: list[tuple[bytes | memoryview, ...]], size: int,
+                        to: Endpoint) -> None:
         ancillary = [(SOL_UDP, UDP_SEGMENT, _SEGMENT_SIZE.pack(size))]
+        # The kernel cuts the gathered bytes every `size` bytes: no need to join a piece's
+        # header and slice first.
+        buffers = [part for datagram in run for part in datagram]
         try:
             if self._connected:
-                self._sock.sendmsg(run, ancillary)
+                self._sock.sendmsg(buffers, ancillary)
             else:
-                self._sock.sendmsg(run, ancillary, 0, to)
+                self._sock.sendmsg(buffers, ancillary, 0, to)
         except OSError as exc:
             if exc.errno in _NO_GSO:
                 log.info("UDP segmentation offload unavailable here (%s); sending one "
                          "datagram per call", exc.strerror)
                 self.gso = False
                 for datagram in run:
-                    self._send_one(datagram, to)
+                    self._send_one(b"".join(datagram), to)
                 return
             if exc.errno not in _TRANSIENT:
                 raise
