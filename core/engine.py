@@ -1,10 +1,11 @@
 """The tunnel engine: sessions, packet pumps, keepalive, dead-peer detection, reconnect.
 
-Three threads. The interface pump reads IP packets from the virtual interface, seals them
-and sends them; the network pump receives frames, checks them in the protocol's fixed order
-and writes what survives to the interface; the timer thread runs handshakes, keepalives,
-control retransmits and the event queue. Logging and plugin hooks only ever run on the timer
-thread, so nothing slow sits on the packet path.
+Two threads. The packet pump waits on the interface and every transport at once: it reads
+IP packets from the interface, seals them and sends them in batches, and it receives frames,
+checks them in the protocol's fixed order and writes what survives to the interface. The
+timer thread runs handshakes, keepalives, control retransmits, offload switching and the
+event queue. Logging and plugin hooks only ever run on the timer thread, so nothing slow sits
+on the packet path.
 """
 
 from __future__ import annotations
