@@ -106,6 +106,13 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
     reconnect.add_argument("--interface", default="ctun0", metavar="NAME",
                            help="which instance to ask (default ctun0)")
 
+    tui = sub.add_parser("tui", help="a live view of the running daemon: peers, routes, "
+                         "counters; add or remove routes, reconnect peers")
+    tui.add_argument("--interface", default="ctun0", metavar="NAME",
+                     help="which instance to watch (default ctun0)")
+    tui.add_argument("--interval", type=float, default=0.5, metavar="SECONDS",
+                     help="how often the daemon sends a snapshot (default 0.5)")
+
     plugins = sub.add_parser("plugins", help="list the loaded plugins: versions, hooks, "
                              "transports and platform adapters")
     plugins.add_argument("--json", action="store_true", help="print the list as JSON")
@@ -256,6 +263,20 @@ def _reconnect(args: argparse.Namespace) -> int:
     answer = control.request(control.socket_path(args.interface), "reconnect", **extra)
     print(f"peer {answer['peer']}: " + ("session ended; it reconnects now"
                                          if answer["was_connected"] else "was not connected"))
+    return 0
+
+
+def _tui(args: argparse.Namespace) -> int:
+    from .core import control
+
+    if not control.MIN_INTERVAL <= args.interval <= control.MAX_INTERVAL:
+        raise UserError(f"--interval must be from {control.MIN_INTERVAL} to "
+                        f"{control.MAX_INTERVAL} seconds")
+    try:  # imported here: Textual is only needed by this command
+        from .tui.app import CtunApp
+    except ImportError as exc:
+        raise UserError(f"the TUI needs Textual ({exc}); pip install textual") from None
+    CtunApp(control.socket_path(args.interface), args.interval).run()
     return 0
 
 
@@ -453,6 +474,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "routes": _routes,
     "peers": _peers,
     "reconnect": _reconnect,
+    "tui": _tui,
     "down": _down,
     "plugins": _plugins,
     "demo": _demo,

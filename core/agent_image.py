@@ -61,6 +61,8 @@ _SKIP_DIRS = frozenset({"tests", "build", "dist", "__pycache__", ".venv", "venv"
 
 _PROBE = ("import platform, sys; print('%d.%d' % sys.version_info[:2], platform.machine(), "
           "platform.libc_ver()[1] or '0')")
+# What only the host's user interface needs: the agent shows none, so its image goes without.
+HOST_ONLY = frozenset({"textual"})
 OLDEST_MANYLINUX = 17  # manylinux2014 = glibc 2.17: every wheel we accept is at least that
 _PIP_TIMEOUT = 900  # seconds for one `pip download`: slow mirrors, but never a hung daemon
 
@@ -135,6 +137,8 @@ def runtime_requirements() -> list[str]:
     found: list[str] = []
     for line in _declared_requirements():
         req = _packaging("requirements").Requirement(line)
+        if req.name.lower() in HOST_ONLY:
+            continue
         if _applies(req, env):
             req.marker = None
             found.append(str(req))

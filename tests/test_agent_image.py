@@ -56,6 +56,7 @@ def test_runtime_requirements_are_linux_ones_without_extras() -> None:
     requirements = agent_image.runtime_requirements()
     assert {"pluggy", "cryptography", "pyroute2", "python-pytun"} <= names_of(requirements)
     assert not names_of(requirements) & TEST_EXTRAS
+    assert "textual" not in names_of(requirements)  # the agent has no user interface
     assert not [r for r in requirements if ";" in r], "markers are evaluated, not passed on"
 
 

@@ -1,0 +1,1 @@
+"""The TUI's modal screens: help, the add-route dialog and the yes/no confirmation."""
