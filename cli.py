@@ -187,7 +187,15 @@ def _run_tunnel(args: argparse.Namespace) -> int:
     from .core import config, logs, plugins, runtime
 
     if args.command == "up" and not args.no_ui:
-        raise UserError("the terminal UI is not in this build yet: run `ctun up --no-ui`")
+        if sys.platform == "win32":
+            raise UserError("the terminal UI runs on Linux and macOS; on Windows run "
+                            "`ctun up --no-ui` in an Administrator prompt and `ctun tui`")
+        from .tui import launch
+
+        try:
+            return launch.up_with_tui(args.raw_up_args, args.interface or "ctun0")
+        except launch.LaunchError as exc:
+            raise UserError(str(exc)) from None
     # Before the config: loading it may create the key file, which only root may do.
     _require_root(f"ctun {args.command}")
     if args.command == "up":
@@ -484,7 +492,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
+    # `ctun up` with the TUI runs `ctun up --no-ui` with the same arguments as its daemon.
+    args.raw_up_args = raw[raw.index("up") + 1:] if args.command == "up" else []
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

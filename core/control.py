@@ -61,7 +61,7 @@ class ControlServer:
     """
 
     def __init__(self, path: Path, handlers: dict[str, Handler], group: str | None = None,
-                 stream: Handler | None = None) -> None:
+                 stream: Handler | None = None, owner: int | None = None) -> None:
         self.path = path
         self._handlers = dict(handlers)
         self._stream = stream
@@ -74,6 +74,9 @@ class ControlServer:
         self._sock.bind(str(path))
         os.chmod(path, 0o660)
         self.group = _give_to_group(path, group) if group else None
+        if owner is not None:
+            # `ctun up` run by a user through sudo: that user's own TUI may attach.
+            os.chown(path, owner, -1)
         self._sock.listen(16)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, name="ctun-control",

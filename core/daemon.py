@@ -93,7 +93,7 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
             }
 
         runtime.serve(engine, cfg.tunnel.interface, stop, extra, handlers=route_handlers(routes),
-                      group=cfg.control_group)
+                      group=cfg.control_group, owner=runtime.sudo_user())
 
 
 def route_handlers(routes: HostRoutes) -> dict[str, control.Handler]:

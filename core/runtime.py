@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -101,6 +102,7 @@ def serve(
     extra_status: Callable[[], dict[str, Any]],
     handlers: dict[str, control.Handler] | None = None,
     group: str | None = None,
+    owner: int | None = None,
 ) -> None:
     """Run the engine and its control socket until a signal or a shutdown request.
 
@@ -139,7 +141,7 @@ def serve(
         **(handlers or {}),
     }
     server = control.ControlServer(control.socket_path(name), handlers, group=group,
-                                   stream=status)
+                                   stream=status, owner=owner)
     engine.start()
     server.start()
     log.info("control socket at %s", server.path)
@@ -150,3 +152,9 @@ def serve(
     finally:
         server.close()
         engine.stop()
+
+
+def sudo_user() -> int | None:
+    """The uid of the user who ran us through sudo (their TUI may use our socket), if any."""
+    uid = os.environ.get("SUDO_UID", "")
+    return int(uid) if uid.isdigit() and int(uid) != 0 else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 from types import FrameType
 from typing import Any
@@ -86,9 +87,34 @@ def _run(lab: Lab, duration: float | None) -> int:
         say(lab.log("daemon"))
         return 1
 
+    if sys.stdout.isatty() and duration is None:
+        say("\n4. the ctun TUI on this tunnel, with a request per container every 0.2 s: "
+            "q ends the demo")
+        _show_tui(lab)
+        return 0
     say("\n4. live counters (one request per container each second); Ctrl-C ends the demo")
     _show_counters(lab, duration)
     return 0
+
+
+def _show_tui(lab: Lab) -> None:
+    """The same TUI `ctun up` shows, on the lab's daemon, while traffic flows through it."""
+    from ..tui.app import CtunApp
+
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.wait(0.2):  # pacing the demo's traffic, not synchronisation
+            for ip in lab.container_ips:
+                lab.http_get(lab.host_ns, f"http://{ip}/", timeout=1)
+
+    thread = threading.Thread(target=traffic, name="demo-traffic", daemon=True)
+    thread.start()
+    try:
+        CtunApp(lab.run_dir / f"{HOST_IF}.sock").run()
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _show_counters(lab: Lab, duration: float | None) -> None:

@@ -35,7 +35,12 @@ def header_line(status: Status | None, error: str | None) -> str:
     state = overall_state(status, error)
     if status is None:
         return f"ctun  {state}"
-    return (f"ctun  {state}  transport {status.get('transport', '?')}  "
+    # The transport in use is the connected peers'; the daemon's own field lists every
+    # transport it listens on ("udp+tcp").
+    used = sorted({str(p.get("transport")) for p in status.get("peers") or []
+                   if p.get("state") == "up" and p.get("transport")})
+    transport = "+".join(used) if used else f"{status.get('transport', '?')} (listening)"
+    return (f"ctun  {state}  transport {transport}  "
             f"interface {status.get('interface', '?')}")
 
 
