@@ -106,6 +106,13 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
     reconnect.add_argument("--interface", default="ctun0", metavar="NAME",
                            help="which instance to ask (default ctun0)")
 
+    transport = sub.add_parser("transport", help="show the transports; with NAME, move the "
+                               "agent onto that transport (it stays there until it fails)")
+    transport.add_argument("to", nargs="?", metavar="NAME", help="udp or tcp")
+    transport.add_argument("--peer", help="which peer (default: the agent)")
+    transport.add_argument("--interface", default="ctun0", metavar="NAME",
+                           help="which instance to ask (default ctun0)")
+
     tui = sub.add_parser("tui", help="a live view of the running daemon: peers, routes, "
                          "counters; add or remove routes, reconnect peers")
     tui.add_argument("--interface", default="ctun0", metavar="NAME",
@@ -271,6 +278,23 @@ def _reconnect(args: argparse.Namespace) -> int:
     answer = control.request(control.socket_path(args.interface), "reconnect", **extra)
     print(f"peer {answer['peer']}: " + ("session ended; it reconnects now"
                                          if answer["was_connected"] else "was not connected"))
+    return 0
+
+
+def _transport(args: argparse.Namespace) -> int:
+    from .core import control
+
+    path = control.socket_path(args.interface)
+    if args.to is None:
+        status = control.request(path, "status")["status"]
+        for t in status["transports"]:
+            host, port = t["local_endpoint"]
+            users = [p["name"] for p in status["peers"] if p.get("transport") == t["name"]]
+            print(f"{t['name']:<6} {host}:{port:<6} peers: {', '.join(users) or '-'}")
+        return 0
+    extra = {"peer": args.peer} if args.peer else {}
+    answer = control.request(path, "switch_transport", to=args.to, **extra)
+    print(f"asked peer {answer['peer']} to move to {answer['to']}")
     return 0
 
 
@@ -482,6 +506,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "routes": _routes,
     "peers": _peers,
     "reconnect": _reconnect,
+    "transport": _transport,
     "tui": _tui,
     "down": _down,
     "plugins": _plugins,

@@ -416,7 +416,7 @@ class Engine:
             if 0 <= now - sent < 60:
                 peer.rtt = now - sent
         # A probe's echo over a more preferred path than ours: go back to it.
-        if payload[8:9] == PROBE_FLAG and path < peer.path:
+        if payload[8:9] == PROBE_FLAG and path < peer.path and not peer.pinned:
             self._switch_path(peer, path, f"{self._path_name(path)} works again", now)
 
     def _on_close(self, peer: Peer, session: Session) -> None:
@@ -589,8 +589,31 @@ class Engine:
             peer.remote_version = message.body["version"]
             peer.gso = FEATURE_GSO in message.body.get("features", [])
             self._events.put((peer.name, "hello", f"{peer.remote_name} {peer.remote_version}"))
+        elif message.kind == "switch_transport" and self.role is Role.VM:
+            self._switch_on_request(peer, message.body["to"], now)
         elif self._on_control_message is not None:
             self._on_control_message(peer.name, message)
+
+    def _switch_on_request(self, peer: Peer, name: str, now: float) -> None:
+        names = [t.name for t in self.transports]
+        if name not in names:
+            log.warning("the host asked to switch to transport %r; this agent has only %s",
+                        name, ", ".join(names))
+            return
+        path = names.index(name)
+        peer.pinned = path != 0  # stay there: the probes would otherwise move us back
+        if path != peer.path:
+            self._switch_path(peer, path, "switched on the host's request", now)
+
+    def switch_transport(self, peer_name: str, to: str) -> None:
+        """Host side: ask the VM peer to move to transport `to` (thread-safe); it stays
+        there until that transport fails, then falls back as usual."""
+        if self.role is not Role.HOST:
+            raise ValueError("only the host asks a peer to switch transports")
+        if to not in {t.name for t in self.transports}:
+            raise ValueError(f"this side does not listen on {to!r}: "
+                             f"{', '.join(t.name for t in self.transports)}")
+        self.send_control(peer_name, "switch_transport", to=to)
 
     def _flush_control(self, peer: Peer, now: float) -> None:
         session = peer.current
@@ -698,6 +721,7 @@ class Engine:
                 peer.backoff = 0.0
                 peer.next_attempt = 0.0
             reason = f"no answer from the host for {self.timers.dead_after:g} s"
+            peer.pinned = False  # the requested path failed: fall back as usual
             self._set_state(peer, "connecting", reason)
             if len(self.transports) > 1:
                 self._switch_path(peer, (peer.path + 1) % len(self.transports),
@@ -712,7 +736,7 @@ class Engine:
             if now >= peer.next_attempt:
                 self._initiate(peer, now)
             return
-        if peer.path != 0 and now >= peer.next_probe:
+        if peer.path != 0 and not peer.pinned and now >= peer.next_probe:
             peer.next_probe = now + PROBE_EVERY
             self._send_probe(peer, session, 0, now)
         age = now - session.created
@@ -846,6 +870,7 @@ class Engine:
             "rx_super": c.rx_super,
             "tx_super": c.tx_super,
             "transport": self._path_name(peer.path),
+            "pinned": peer.pinned,
             "switches": list(peer.switches),
             "switch_count": peer.switch_count,
             "remote_name": peer.remote_name,

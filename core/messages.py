@@ -17,7 +17,7 @@ SCHEMA = 1
 MAX_CONTROL = 1200  # fits one frame at the smallest MTU we allow, with room to spare
 
 MAX_FEATURES = 16
-KINDS = ("hello", "ack", "close_reason", "routes", "agent_status")
+KINDS = ("hello", "ack", "close_reason", "routes", "agent_status", "switch_transport")
 MAX_BRIDGES = 64  # subnet -> bridge entries an agent reports (more would not fit a frame)
 ROUTES_PER_PART = 40  # 40 CIDRs of up to 18 characters stay well inside MAX_CONTROL
 MAX_PARTS = 64
@@ -62,6 +62,8 @@ def _valid_body(kind: str, body: dict[str, Any]) -> bool:
         return _short_str(body.get("reason"), 200)
     if kind == "routes":
         return _valid_routes(body)
+    if kind == "switch_transport":
+        return _short_str(body.get("to"), 32)
     if kind == "agent_status":
         return _valid_agent_status(body)
     return kind == "ack"

@@ -131,8 +131,17 @@ def serve(
 
         return handler
 
+    def switch(request: dict[str, Any]) -> dict[str, Any]:
+        peer, to = request.get("peer", engine.peers[0].name), request.get("to")
+        try:
+            engine.switch_transport(str(peer), str(to))
+        except (ValueError, KeyError) as exc:
+            raise control.RequestError(str(exc).strip("'\"")) from None
+        return {"peer": peer, "to": to}
+
     handlers = {
         "status": status,
+        "switch_transport": switch,
         "shutdown": shutdown,
         "peers": lambda _req: {"peers": engine.snapshot()["peers"]},
         "transports": lambda _req: {"transports": engine.snapshot()["transports"]},

@@ -112,6 +112,7 @@ class Peer:
     remote_version: str = ""
     close_reason: str = ""
     gso: bool = False  # the peer said it takes offload super-packets (DATA_GSO frames)
+    pinned: bool = False  # VM side: on this path by request; no probing back to the first
     init_sent: float = 0.0  # initiator: when the pending handshake went out
     handshake_ms: float | None = None  # initiator: how long the latest handshake took
     counters: Counters = field(default_factory=Counters)

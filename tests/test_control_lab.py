@@ -88,3 +88,23 @@ def test_a_subscription_follows_the_traffic(tunnel: Tunnel) -> None:
     feed.close()
     # The daemon's own answer agrees with what the stream last said (or is a little ahead).
     assert peer(lab, HOST_IF)["tx_packets"] >= tx >= first + 5
+
+
+def test_the_agent_moves_to_the_transport_asked_for_and_stays(tunnel: Tunnel) -> None:
+    lab = tunnel.lab
+    from ctun.lab.tunnel import VM_IF
+
+    listing = ctun(lab, "transport").stdout
+    assert listing.startswith("udp ") and "peers: vm" in listing.splitlines()[0]
+    moved = ctun(lab, "transport", "tcp")
+    assert moved.stdout.strip() == "asked peer vm to move to tcp", moved
+    lab.wait_until(lambda: peer(lab, HOST_IF)["transport"] == "tcp", 10,
+                   what="the host to see the agent over tcp")
+    assert peer(lab, VM_IF)["pinned"] is True
+    assert reachable(lab)
+    bad = ctun(lab, "transport", "quic")
+    assert bad.returncode == 2 and "does not listen on 'quic'" in bad.stderr
+    ctun(lab, "transport", "udp")
+    lab.wait_until(lambda: peer(lab, HOST_IF)["transport"] == "udp"
+                   and peer(lab, VM_IF)["pinned"] is False, 10, what="back on udp")
+    assert reachable(lab)
