@@ -42,7 +42,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Measure ctun against a plain route in a namespace lab "
-                "(needs root): TCP and UDP throughput, ping RTT, CPU, start-up times.")  # fmt: skip
+                "(needs root): TCP and UDP throughput, ping RTT, CPU, start-up times, TCP "
+                "with the TUI attached (needs tmux).")  # fmt: skip
     p.add_argument("--json", metavar="FILE", type=Path,
                    help="also write every figure, raw iperf3 summaries included, to FILE")
     p.add_argument("--quick", action="store_true",
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine.describe()
     try:
         results = run.measure_all(transports, settings, _progress)
-        once = [run.route_figure(_progress), run.docker_figure(args.docker, _progress)]
+        once = [*run.tui_figures(results), run.route_figure(_progress),
+                run.docker_figure(args.docker, _progress)]  # fmt: skip
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; everything it made is removed", file=sys.stderr)
         return EXIT_INTERRUPTED

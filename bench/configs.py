@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .attached import Record
 from .search import Plan
 
 
@@ -16,6 +17,8 @@ class Config:
     """None: no tunnel, the plain route."""
     extra: tuple[str, ...] = ()
     """More flags for both `ctun up` and `ctun vm`."""
+    tui: bool = False
+    """Also measure TCP with the TUI attached against headless (attached.py)."""
 
     @property
     def tunnel_args(self) -> tuple[str, ...]:
@@ -29,8 +32,9 @@ NO_OFFLOAD = Config("udp no-offload", "udp", ("--no-offload",))
 
 def configs(transports: Sequence[str]) -> list[Config]:
     """The plain route first (every ratio needs it), then ctun per transport, then UDP with
-    offloads off, which shows what the offloads are worth (only when UDP is measured)."""
-    chosen = [PLAIN, *(Config(t, t) for t in transports)]
+    offloads off, which shows what the offloads are worth (only when UDP is measured).
+    The TUI's cost is measured once, on UDP, the default transport: what users run."""
+    chosen = [PLAIN, *(Config(t, t, tui=t == "udp") for t in transports)]
     if "udp" in transports:
         chosen.append(NO_OFFLOAD)
     return chosen
@@ -61,7 +65,10 @@ class ConfigResult:
     failed: str | None = None
     """Why the whole configuration could not be measured (one line), or None."""
     raw: dict[str, Any] = field(default_factory=dict)
+    tui: Record | None = None
+    """Only for the configuration with Config.tui; its figures are once per run."""
 
     def to_json(self) -> dict[str, Any]:
+        raw = self.raw if self.tui is None else {**self.raw, "tui_attached": self.tui.to_json()}
         return {"name": self.name, "failed": self.failed, "figures": self.figures,
-                "errors": self.errors, "raw": self.raw}  # fmt: skip
+                "errors": self.errors, "raw": raw}  # fmt: skip

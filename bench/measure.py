@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -16,8 +17,9 @@ from typing import Any
 from ..lab import netns
 from ..lab.topology import Lab
 from ..lab.tunnel import HOST_IF, VM_IF, status, wait_up
-from . import cpu, iperf, metrics, ping
+from . import attached, cpu, iperf, metrics, ping
 from .configs import Config, ConfigResult, Settings
+from .report import FAILED
 from .search import search
 
 START_TIMEOUT = 15.0
@@ -111,6 +113,8 @@ class Measurement:
                       lambda: self._tcp("tcp4_down", m.TCP4_DOWN, None, reverse=True,
                                         streams=4))  # fmt: skip
         self._attempt("udp rate search", (m.UDP_PPS, m.UDP_LOSS), self._udp)
+        if self.config.tui:
+            self._tui_side_by_side()
 
     def _attempt(
         self, what: str, produces: tuple[metrics.Metric, ...], probe: Callable[[], object]
@@ -223,6 +227,23 @@ class Measurement:
             self.result.figures[metrics.CPU.key] = cpu.percent_per_gbit(
                 used, result.seconds, result.mbps
             )
+
+    def _tui_side_by_side(self) -> None:
+        """TCP host->ctr headless and with the TUI attached, interleaved (attached.ORDER),
+        after everything else so the table's figures stay comparable with older runs."""
+        record = self.result.tui = attached.Record()
+        if shutil.which("tmux") is None:
+            record.note = "n/a (tmux not installed)"
+            return
+        self._say("tcp 1 stream host->ctr: headless, TUI attached (tmux), attached, headless")
+        try:
+            for with_tui in attached.ORDER:
+                with (attached.tui_in_tmux(self.lab.run_dir, HOST_IF) if with_tui
+                      else contextlib.nullcontext()):  # fmt: skip
+                    result = iperf.parse_tcp(self._client(self.settings.seconds))
+                record.add(with_tui, result.mbps)
+        except Exception as exc:
+            record.note = f"{FAILED}: {one_line(exc)}"
 
     def _udp(self) -> None:
         seconds = self.settings.probe_seconds

@@ -25,6 +25,14 @@ class Once:
     value: float | None = None
     note: str = ""
     """Why there is no value ("n/a (...)" or "failed: ...")."""
+    decimals: int = 3
+
+    @property
+    def text(self) -> str:
+        if self.value is None:
+            return self.note
+        gap = "" if self.unit == "%" else " "  # "98%", but "1.500 s"
+        return f"{self.value:,.{self.decimals}f}{gap}{self.unit}"
 
     def to_json(self) -> dict[str, Any]:
         return {"label": self.label, "unit": self.unit, "value": self.value, "note": self.note}
@@ -108,8 +116,7 @@ def once_lines(figures: Sequence[Once]) -> list[str]:
     width = max((len(f.label) for f in figures), default=0)
     out = []
     for f in figures:
-        text = f"{f.value:.3f} {f.unit}" if f.value is not None else f.note
-        out.append(f"{f.label.ljust(width)}  {text}")
+        out.append(f"{f.label.ljust(width)}  {f.text}")
     return out
 
 

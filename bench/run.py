@@ -12,6 +12,8 @@ from .report import FAILED, Once
 
 PREFIX = "ctunbn"
 ROUTE_COUNT = 1000
+TUI_MBPS = "tcp1_up_tui_mbps"
+TUI_PERCENT = "tui_attached_percent"
 
 
 def measure_all(
@@ -21,6 +23,25 @@ def measure_all(
     progress(f"building the lab {PREFIX} (host, VM with bridge, 1 container)")
     with Lab(PREFIX, containers=1) as lab:
         return [measure(lab, config, settings, progress) for config in configs(transports)]
+
+
+def tui_figures(results: Sequence[ConfigResult]) -> list[Once]:
+    """TCP with the TUI attached and its share of headless, from the configuration that
+    measured them (the udp one), or why there are none."""
+    rate = Once(TUI_MBPS, "tcp 1 stream with TUI attached", "Mbit/s", decimals=0)
+    share = Once(TUI_PERCENT, "tui attached / headless", "%", decimals=0)
+    record = next((r.tui for r in results if r.tui is not None), None)
+    if record is None:
+        measured = next((r for r in results if r.name == "udp"), None)
+        note = (f"{FAILED}: the udp configuration failed" if measured is not None
+                else "n/a (udp not measured)")  # fmt: skip
+    else:
+        rate.value, share.value = record.attached, record.percent
+        note = record.note or f"{FAILED}: no figure"  # only read when a value is missing
+    for figure in (rate, share):
+        if figure.value is None:
+            figure.note = note
+    return [rate, share]
 
 
 def route_figure(progress: Progress) -> Once:

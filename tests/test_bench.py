@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ctun.bench import cli, cpu, iperf, machine, metrics, ping, report, routes
+from ctun.bench import attached, cli, cpu, iperf, machine, metrics, ping, report, routes, run
 from ctun.bench.configs import ConfigResult, configs
 from ctun.bench.search import Plan, search
 from ctun.lab import netns
@@ -324,6 +324,98 @@ def test_render_puts_the_machine_first_and_the_once_figures_last() -> None:
     assert lines[-1] == "docker network create -> reachable  n/a (--docker not given)"
 
 
+def test_once_figures_are_formatted_with_their_own_decimals() -> None:
+    assert report.Once("k", "l", "s", value=1.5).text == "1.500 s"
+    assert report.Once("k", "l", "Mbit/s", value=1234.4, decimals=0).text == "1,234 Mbit/s"
+    assert report.Once("k", "l", "%", value=97.6, decimals=0).text == "98%"
+    assert report.Once("k", "l", "%", note="n/a (tmux not installed)").text == (
+        "n/a (tmux not installed)"
+    )
+
+
+# ---- the TUI attached against headless
+
+
+def _tui_record(headless: list[float], with_tui: list[float], note: str = "") -> attached.Record:
+    record = attached.Record(note=note)
+    for with_it, values in ((False, headless), (True, with_tui)):
+        for mbps in values:
+            record.add(with_it, mbps)
+    return record
+
+
+def test_tui_runs_interleave_so_linear_drift_cancels() -> None:
+    # Slot i carries drift i: both sides must get the same total (ABBA does, ABAB does not).
+    slots = list(enumerate(attached.ORDER))
+    assert sum(i for i, t in slots if t) == sum(i for i, t in slots if not t)
+    assert attached.ORDER.count(True) == attached.ORDER.count(False) >= 1
+
+
+def test_tui_share_is_mean_attached_over_mean_headless() -> None:
+    assert attached.share([1000.0, 1200.0], [990.0, 1100.0]) == pytest.approx(95.0)
+    assert attached.share([], [1.0]) is None
+    assert attached.share([0.0, 0.0], [1.0]) is None
+    record = _tui_record([1000.0, 1200.0], [990.0, 1100.0])
+    assert record.attached == pytest.approx(1045.0)
+    assert record.percent == pytest.approx(95.0)
+    doc = record.to_json()
+    assert doc["order"] == ["headless", "attached", "attached", "headless"]
+    assert doc["attached_mbps"] == [990.0, 1100.0] and doc["percent"] == pytest.approx(95.0)
+
+
+def test_tui_runs_that_stopped_halfway_give_no_figure() -> None:
+    assert _tui_record([1000.0], [990.0], note="failed: iperf3: busy").percent is None
+    assert _tui_record([1000.0], [990.0]).attached is None  # unpaired: drift not cancelled
+    assert _tui_record([], [], note="n/a (tmux not installed)").percent is None
+
+
+def test_tui_connected_is_read_from_the_header_line() -> None:
+    pane = "ctun  connected  transport udp  interface ctun0\n\n Peers  Routes\n"
+    assert attached.shows_connected(" │ " + pane)
+    assert not attached.shows_connected("ctun  connecting  transport udp  interface ctun0")
+    assert not attached.shows_connected("ctun  daemon not running\n daemon connected\n")
+    assert attached.last_line("Traceback\n  ImportError: no textual\n\n") == (
+        "ImportError: no textual"
+    )
+    assert attached.last_line("  \n") == "(blank screen)"
+    waiting = " ctun  daemon not running: no socket\n\n q Quit  ^p palette\n"
+    assert attached.header(waiting) == "ctun  daemon not running: no socket"
+    assert attached.header("Traceback\n  Error: x\n") == "Error: x"
+
+
+def test_tui_command_imports_the_ctun_being_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    argv = attached.tui_argv(Path("/tmp/lab/run"), "ctun0")
+    assert argv[:2] == ["env", "CTUN_RUN_DIR=/tmp/lab/run"]
+    assert argv[2] == f"PYTHONPATH={attached.package_root()}{os.pathsep}/elsewhere"
+    assert argv[3:] == [sys.executable, "-m", "ctun", "tui", "--interface", "ctun0"]
+    assert (attached.package_root() / "ctun" / "bench" / "attached.py").exists()
+
+
+def test_tui_figures_come_from_the_udp_configuration_or_say_why_not() -> None:
+    udp = _result("udp")
+    udp.tui = _tui_record([1000.0, 1200.0], [990.0, 1100.0])
+    rate, share = run.tui_figures([_result("plain"), udp])
+    assert (rate.key, rate.text) == ("tcp1_up_tui_mbps", "1,045 Mbit/s")
+    assert (share.key, share.text) == ("tui_attached_percent", "95%")
+    assert "tui_attached" in udp.to_json()["raw"]
+    assert "tui_attached" not in _result("plain").to_json()["raw"]
+
+    def notes(*results: ConfigResult) -> list[str]:
+        return [f.note for f in run.tui_figures(results)]
+
+    udp.tui = _tui_record([], [], note="n/a (tmux not installed)")
+    assert notes(_result("plain"), udp) == ["n/a (tmux not installed)"] * 2
+    assert not any(f.failed for f in run.tui_figures([_result("plain"), udp]))
+    udp.tui = _tui_record([1000.0], [], note="failed: the TUI exited: ImportError")
+    assert notes(_result("plain"), udp) == ["failed: the TUI exited: ImportError"] * 2
+    assert all(f.failed for f in run.tui_figures([_result("plain"), udp]))
+    assert notes(_result("plain"), ConfigResult("udp", failed="no daemon")) == [
+        "failed: the udp configuration failed"
+    ] * 2
+    assert notes(_result("plain"), _result("tcp")) == ["n/a (udp not measured)"] * 2
+
+
 # ---- configurations, CPU accounting, machine, routes
 
 
@@ -332,6 +424,8 @@ def test_offloads_off_is_measured_only_with_udp() -> None:
     assert [c.name for c in configs(["tcp"])] == ["plain", "tcp"]
     no_offload = configs(["udp"])[-1]
     assert no_offload.tunnel_args == ("--transport", "udp", "--no-offload")
+    # The TUI's cost is measured once, on the default transport.
+    assert [c.name for c in configs(["udp", "tcp"]) if c.tui] == ["udp"]
 
 
 def test_cpu_ticks_survive_a_command_name_with_a_parenthesis() -> None:
@@ -410,8 +504,9 @@ def test_a_writable_json_path_is_not_left_behind_by_the_check(tmp_path: Path) ->
 
 @pytest.mark.root
 def test_quick_run_measures_the_plain_route_and_ctun_udp(tmp_path: Path) -> None:
-    if shutil.which("iperf3") is None:
-        reason = "needs iperf3 (apt-get install iperf3)"
+    missing = [tool for tool in ("iperf3", "tmux") if shutil.which(tool) is None]
+    if missing:
+        reason = f"needs {' and '.join(missing)} (apt-get install {' '.join(missing)})"
         if os.environ.get("CI") == "true" or os.environ.get("CTUN_REQUIRE_ALL") == "1":
             pytest.fail(f"{reason} (CI=true or CTUN_REQUIRE_ALL=1: missing prerequisites fail)")
         pytest.skip(reason)
@@ -439,6 +534,11 @@ def test_quick_run_measures_the_plain_route_and_ctun_udp(tmp_path: Path) -> None
     assert by_name["plain"]["figures"]["first_packet_ms"] is None
     assert doc["once"]["routes_1000_s"]["value"] > 0
     assert doc["once"]["docker_ready_s"]["note"] == "n/a (--docker not given)"
+    # The TUI, attached in tmux, was measured side by side with headless runs.
+    for key in ("tcp1_up_tui_mbps", "tui_attached_percent"):
+        assert doc["once"][key]["value"] > 0, doc["once"][key]["note"]
+    assert len(by_name["udp"]["raw"]["tui_attached"]["attached_mbps"]) == 2
+    assert re.search(r"^tui attached / headless +\d+%$", result.stdout, re.MULTILINE)
     # The printed table names every configuration; nothing of the run is left.
     assert "udp no-offload" in result.stdout.splitlines()[5]
     assert lab_namespaces("ctunbn") == []
