@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
+from collections.abc import Callable
 from ipaddress import IPv4Network
 from typing import Any
 
@@ -82,9 +84,11 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
             ", ".join(map(str, cfg.routes)) or "none",
         )
 
+        kernel_routes = _Cached(lambda: [str(r) for r in adapter.routes()], ROUTES_TTL)
+
         def extra() -> dict[str, Any]:
             return {
-                "routes": [str(r) for r in adapter.routes()],
+                "routes": kernel_routes.get(),
                 "configured_routes": [str(r) for r in cfg.routes],
                 "config": cfg.source,
                 "agent": agent.state if agent else "not managed",
@@ -94,6 +98,26 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
 
         runtime.serve(engine, cfg.tunnel.interface, stop, extra, handlers=route_handlers(routes),
                       group=cfg.control_group, owner=runtime.sudo_user())
+
+
+# The kernel's view of our routes is a netlink dump (milliseconds of Python on the daemon's
+# GIL); subscribers ask for it several times a second, and it changes only with the plan.
+ROUTES_TTL = 2.0
+
+
+class _Cached:
+    def __init__(self, fetch: Callable[[], list[str]], ttl: float) -> None:
+        self._fetch, self._ttl = fetch, ttl
+        self._value: list[str] = []
+        self._expires = 0.0
+        self._lock = threading.Lock()
+
+    def get(self) -> list[str]:
+        with self._lock:
+            now = time.monotonic()
+            if now >= self._expires:
+                self._value, self._expires = self._fetch(), now + self._ttl
+            return self._value
 
 
 def route_handlers(routes: HostRoutes) -> dict[str, control.Handler]:
