@@ -4,17 +4,15 @@ answers (fast, no root), and once against a real daemon in the lab."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
-import shutil
-import tempfile
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from ctun.core import control
+from ctun.tests.tui_fakes import FakeDaemon, running_fake, sample_status, until
 from ctun.tui import model
 from ctun.tui.app import CtunApp
 from ctun.tui.widgets.table import SnapshotTable
@@ -25,85 +23,10 @@ SIZE = (120, 40)
 INTERVAL = 0.05  # the fake streams fast, so the tests wait for the UI, not for snapshots
 
 
-def sample_status() -> dict[str, Any]:
-    return {
-        "role": "host", "name": "host", "version": "0.1.0", "interface": "ctun0",
-        "transport": "udp", "local_endpoint": ["127.0.0.1", 2511], "uptime": 12.0,
-        "transports": [{"name": "udp", "local_endpoint": ["127.0.0.1", 2511], "stats": {}}],
-        "offload": {"available": True, "on": True}, "drops": {"no_route": 2},
-        "peers": [{
-            "name": "vm", "state": "up", "reason": "", "endpoint": ["127.0.0.1", 40000],
-            "handshake_age": 3.0, "last_seen_age": 0.5, "handshakes": 1, "rtt_ms": 0.4,
-            "handshake_ms": 1.0, "transport": "udp", "remote_name": "vm",
-            "remote_version": "0.1.0", "rx_packets": 100, "rx_bytes": 10000,
-            "tx_packets": 200, "tx_bytes": 20000, "drops": {"bad_mac": 1},
-        }],
-        "events": [{"id": 1, "at": time.time(), "peer": "vm", "state": "up",
-                    "reason": "handshake"}],
-        "routes": ["172.17.0.0/16"], "docker": {"state": "up", "error": ""},
-        "agent": "running",
-        "route_table": [
-            {"subnet": "172.17.0.0/16", "source": "docker:bridge", "state": "active",
-             "detail": ""},
-            {"subnet": "10.9.0.0/24", "source": "config", "state": "active", "detail": ""},
-            {"subnet": "10.8.0.0/24", "source": "control", "state": "active", "detail": ""},
-        ],
-        "route_problems": [],
-    }
-
-
-class FakeDaemon:
-    """A real ControlServer whose status the test edits; it records the requests."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.status = sample_status()
-        self.requests: list[dict[str, Any]] = []
-        self.server: control.ControlServer | None = None
-
-    def start(self) -> None:
-        handlers = {"status": lambda _r: {"status": copy.deepcopy(self.status)},
-                    "add_route": self._add, "remove_route": self._remove,
-                    "reconnect": self._reconnect}
-        # A deep copy per snapshot: the server edits the events list of what it sends.
-        self.server = control.ControlServer(
-            self.path, handlers, stream=lambda _r: {"status": copy.deepcopy(self.status)})
-        self.server.start()
-
-    def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    def _add(self, request: dict[str, Any]) -> dict[str, Any]:
-        self.requests.append(request)
-        route = {"subnet": request["network"], "source": "control", "state": "active",
-                 "detail": ""}
-        self.status["route_table"].append(route)
-        return {"route": route}
-
-    def _remove(self, request: dict[str, Any]) -> dict[str, Any]:
-        self.requests.append(request)
-        self.status["route_table"] = [r for r in self.status["route_table"]
-                                      if r["subnet"] != request["network"]]
-        return {}
-
-    def _reconnect(self, request: dict[str, Any]) -> dict[str, Any]:
-        self.requests.append(request)
-        return {"peer": request.get("peer"), "was_connected": True}
-
-
 @pytest.fixture
 def fake() -> Iterator[FakeDaemon]:
-    # A short directory of our own: Unix socket paths are limited to about 100 bytes.
-    where = Path(tempfile.mkdtemp(prefix="ctui", dir="/tmp"))
-    daemon = FakeDaemon(where / "ctun0.sock")
-    daemon.start()
-    try:
+    with running_fake() as daemon:
         yield daemon
-    finally:
-        if daemon.server is not None:
-            daemon.server.close()
-        shutil.rmtree(where, ignore_errors=True)
 
 
 def run(app: CtunApp, scenario: Callable[[Pilot[None]], Awaitable[None]]) -> None:
@@ -114,14 +37,6 @@ def run(app: CtunApp, scenario: Callable[[Pilot[None]], Awaitable[None]]) -> Non
             await scenario(pilot)
 
     asyncio.run(main())
-
-
-async def until(pilot: Pilot[None], predicate: Callable[[], bool], what: str,
-                timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await pilot.pause(0.1)
 
 
 def text(app: CtunApp, selector: str) -> str:
@@ -148,7 +63,13 @@ def test_counters_appear_and_update(fake: FakeDaemon) -> None:
         # The jump shows up as a rate and in the sparkline's history.
         assert app.rates.history["rx_packets"] and max(app.rates.history["rx_packets"]) > 0
         assert str(app.query_one("#rate-rx_packets", Label).content).startswith("in packets/s")
+        # Hidden views are not redrawn (it costs the tunnel throughput on a small machine)...
+        assert rows(app, "#peer-table") == []
+        # ...and are filled the moment they are shown.
+        await pilot.press("2")
         await until(pilot, lambda: rows(app, "#peer-table")[0][5] == "600", "peer rx")
+        await pilot.press("1")
+        await until(pilot, lambda: rows(app, "#tunnel-table") != [], "tunnel rows")
         assert rows(app, "#tunnel-table")[0][:5] == \
             ["vm", "udp", "127.0.0.1:2511", "127.0.0.1:40000", "up"]
 
@@ -221,6 +142,7 @@ def test_daemon_goes_away_and_comes_back(fake: FakeDaemon) -> None:
         fake.status["peers"][0]["state"] = "connecting"
         fake.start()  # a new server at the same path: the app finds it by itself
         await until(pilot, lambda: "ctun  connecting" in text(app, "#state"), "back again")
+        await pilot.press("2")
         await until(pilot, lambda: rows(app, "#peer-table")[0][3] == "connecting", "peers")
 
     run(app, scenario)
@@ -249,6 +171,7 @@ def test_reconnect_help_and_palette(fake: FakeDaemon) -> None:
     app = CtunApp(fake.path, INTERVAL)
 
     async def scenario(pilot: Pilot[None]) -> None:
+        await pilot.press("2")
         await until(pilot, lambda: len(rows(app, "#peer-table")) == 1, "the peer row")
         await pilot.press("question_mark")
         await until(pilot, lambda: type(app.screen).__name__ == "HelpScreen", "help")
@@ -278,10 +201,12 @@ def test_daemon_text_is_never_markup(fake: FakeDaemon) -> None:
     app = CtunApp(fake.path, INTERVAL)
 
     async def scenario(pilot: Pilot[None]) -> None:
+        await pilot.press("3")
         await until(pilot, lambda: len(rows(app, "#route-table")) == 3, "the route rows")
         assert rows(app, "#route-table")[0][3] == "[Errno 13] [bold]x"
         assert "[conflict]" in text(app, "#route-problems")
-        assert "[red]odd: 1" in text(app, "#drops")
+        await pilot.press("4")
+        await until(pilot, lambda: "[red]odd: 1" in text(app, "#drops"), "the drops")
 
     run(app, scenario)
 
@@ -339,13 +264,16 @@ def test_against_a_real_daemon(lab: Any) -> None:
         await pilot.press("2")
 
         def agrees() -> bool:
-            row = rows(app, "#peer-table")[0]
+            table = rows(app, "#peer-table")
             want = daemon_peer()
-            return (row[5], row[7]) == (str(want["rx_packets"]), str(want["tx_packets"])) \
-                and f"in {want['rx_packets']} packets" in text(app, "#totals")
+            return bool(table) and (table[0][5], table[0][7]) == \
+                (str(want["rx_packets"]), str(want["tx_packets"]))
 
         await until(pilot, agrees, "the app's counters to match the daemon's")
         assert int(rows(app, "#peer-table")[0][7]) >= 20
+        await pilot.press("4")
+        await until(pilot, lambda: f"in {daemon_peer()['rx_packets']} packets"
+                    in text(app, "#totals"), "the totals to match the daemon's")
 
         await pilot.press("a", *EXTRA, "enter")
         await until(pilot, lambda: EXTRA in kernel_routes(), "the route in the kernel")
@@ -360,8 +288,21 @@ def test_against_a_real_daemon(lab: Any) -> None:
         await pilot.press("y")
         await until(pilot, lambda: EXTRA not in kernel_routes(), "the route gone")
 
+        # The daemon dies: the app says so; it comes back: the view fills again by itself.
+        Lab.stop(daemons[0], signal.SIGKILL)
+        await until(pilot, lambda: "daemon not running" in text(app, "#state"), "not running",
+                    timeout=15)
+        daemons.append(lab.start_daemon())
+        await until(pilot, lambda: "connected" in text(app, "#state"), "connected again",
+                    timeout=30)
+        await pilot.press("2")
+        await until(pilot, lambda: rows(app, "#peer-table") != [] and
+                    rows(app, "#peer-table")[0][3] == "up", "the peer up again")
+
+    daemons = [tun.daemon]
     try:
         run(app, scenario)
     finally:
         Lab.stop(tun.agent)
-        Lab.stop(tun.daemon)
+        for daemon in daemons:
+            Lab.stop(daemon)
