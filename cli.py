@@ -106,6 +106,11 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
     reconnect.add_argument("--interface", default="ctun0", metavar="NAME",
                            help="which instance to ask (default ctun0)")
 
+    reload = sub.add_parser("reload", help="read the config file again: routes and Docker "
+                            "filters change at once; other changes wait for a restart")
+    reload.add_argument("--interface", default="ctun0", metavar="NAME",
+                        help="which instance to ask (default ctun0)")
+
     transport = sub.add_parser("transport", help="show the transports; with NAME, move the "
                                "agent onto that transport (it stays there until it fails)")
     transport.add_argument("to", nargs="?", metavar="NAME", help="udp or tcp")
@@ -197,6 +202,10 @@ def _run_tunnel(args: argparse.Namespace) -> int:
         if sys.platform == "win32":
             raise UserError("the terminal UI runs on Linux and macOS; on Windows run "
                             "`ctun up --no-ui` in an Administrator prompt and `ctun tui`")
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            # From a script or a service there is no screen to show: say what to run.
+            raise UserError("ctun up shows a terminal UI and needs a terminal; for the daemon "
+                            "alone run `ctun up --no-ui`")
         from .tui import launch
 
         try:
@@ -278,6 +287,16 @@ def _reconnect(args: argparse.Namespace) -> int:
     answer = control.request(control.socket_path(args.interface), "reconnect", **extra)
     print(f"peer {answer['peer']}: " + ("session ended; it reconnects now"
                                          if answer["was_connected"] else "was not connected"))
+    return 0
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from .core import control
+
+    answer = control.request(control.socket_path(args.interface), "reload")
+    print(f"reloaded {answer['source'] or '(no config file: flags only)'}")
+    if answer["restart_needed"]:
+        print("changed, applied at the next start: " + ", ".join(answer["restart_needed"]))
     return 0
 
 
@@ -507,6 +526,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "peers": _peers,
     "reconnect": _reconnect,
     "transport": _transport,
+    "reload": _reload,
     "tui": _tui,
     "down": _down,
     "plugins": _plugins,

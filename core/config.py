@@ -165,6 +165,8 @@ class HostConfig:
     source: str | None  # the config file it came from, if any
     docker: DockerConfig = field(default_factory=DockerConfig)
     control_group: str = "ctun"  # may use the control socket (ctun status, ctun tui)
+    # The command line's part, kept so a reload reads the file again under the same flags.
+    overrides: Mapping[str, object] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -322,6 +324,7 @@ def load_host_config(path: str | None, overrides: Mapping[str, object]) -> HostC
         source=source,
         docker=docker,
         control_group=control_group,
+        overrides=dict(overrides),
     )
 
 
@@ -791,3 +794,24 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)
+
+
+# What a reload can apply to a running daemon; anything else takes a restart.
+RELOADABLE = ("routes", "docker")
+
+
+def reload_host_config(current: HostConfig) -> tuple[HostConfig, list[str]]:
+    """The config file read again (same flags): the settings a running daemon can take, and
+    the names of the changed ones it cannot (they wait for a restart). ConfigError as ever."""
+    fresh = load_host_config(current.source, current.overrides)
+    applied = replace(current, routes=fresh.routes, docker=fresh.docker)
+    pending = [name for name in ("tunnel", "listen", "transport", "peers", "timers",
+                                 "control_group")
+               if getattr(fresh, name) != getattr(current, name)]
+    # Turning Docker integration or the agent on or off changes what runs, not a filter.
+    if (fresh.docker.enabled, fresh.docker.agent) != (current.docker.enabled,
+                                                      current.docker.agent):
+        pending.append("docker.enabled/agent")
+        applied = replace(applied, docker=replace(fresh.docker, enabled=current.docker.enabled,
+                                                  agent=current.docker.agent))
+    return applied, pending

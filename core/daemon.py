@@ -13,7 +13,7 @@ from typing import Any
 import pluggy
 
 from .. import __version__
-from . import control, messages, runtime
+from . import config, control, messages, runtime
 from .agent_container import AgentContainer
 from .config import VM_PEER, HostConfig
 from .contracts import PlatformError
@@ -144,7 +144,19 @@ def route_handlers(routes: HostRoutes) -> dict[str, control.Handler]:
             raise control.RequestError(str(exc)) from None
         return {}
 
+    def reload(_request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            cfg, pending = config.reload_host_config(routes.config)
+        except config.ConfigError as exc:
+            raise control.RequestError(f"config not reloaded: {exc}") from None
+        routes.reconfigure(cfg)
+        log.info("config reloaded from %s%s", cfg.source or "flags only",
+                 f"; needs a restart: {', '.join(pending)}" if pending else "")
+        return {"source": cfg.source, "restart_needed": pending,
+                "route_table": routes.status()["route_table"]}
+
     return {
+        "reload": reload,
         "routes": lambda _req: {"route_table": routes.status()["route_table"]},
         "add_route": add,
         "remove_route": remove,

@@ -87,6 +87,17 @@ class HostRoutes:
         if changed:
             self._push()
 
+    @property
+    def config(self) -> HostConfig:
+        return self._cfg
+
+    def reconfigure(self, cfg: HostConfig) -> None:
+        """Take a reloaded config's routes and Docker filters, and route accordingly."""
+        with self._lock:
+            self._cfg = cfg
+            self._runtime -= set(cfg.routes)  # now configured: no longer a runtime addition
+            self._reconcile()
+
     def add_runtime(self, network: IPv4Network) -> dict[str, Any]:
         """Route `network` until the daemon stops or it is removed again; says how it went
         (the same decision the route table shows: active, conflict, duplicate)."""

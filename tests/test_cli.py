@@ -40,7 +40,7 @@ def test_version() -> None:
         (("up", "--no-ui", "--config", "/nonexistent/ctun.toml"), "/nonexistent/ctun.toml"),
         (("vm", "--host", "bad host!"), "--host"),
         (("vm",), "CTUN_KEY"),
-        (("up",), "--no-ui"),
+        (("up",), "--no-ui"),  # no terminal here: the TUI cannot show, say what to run
         (("up", "--bogus"), "--bogus"),
         (("frobnicate",), "frobnicate"),
         (("status", "--interface", "ctun9"), "no ctun is running"),

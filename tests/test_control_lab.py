@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 from ctun.core import control
 from ctun.lab import netns
-from ctun.lab.topology import Lab
-from ctun.lab.tunnel import HOST_IF, Tunnel, peer, reachable, start_tunnel
+from ctun.lab.topology import Lab, offload_args
+from ctun.lab.tunnel import HOST_IF, Tunnel, peer, reachable, start_tunnel, wait_up
 
 pytestmark = pytest.mark.root
 LAB_CONTAINERS = 1
@@ -108,3 +108,36 @@ def test_the_agent_moves_to_the_transport_asked_for_and_stays(tunnel: Tunnel) ->
     lab.wait_until(lambda: peer(lab, HOST_IF)["transport"] == "udp"
                    and peer(lab, VM_IF)["pinned"] is False, 10, what="back on udp")
     assert reachable(lab)
+
+
+def test_reload_applies_routes_and_says_what_waits_for_a_restart(fresh_lab: Lab) -> None:
+    # A lab and daemon of its own, started from a config file (the module's has none).
+    lab = fresh_lab
+    config = lab.workdir / "ctun.toml"
+    bridge = str(lab.container_subnet)
+    config.write_text(f'routes = ["{bridge}", "10.79.0.0/24"]\n')
+    # Not lab.start_daemon(): its --route flag would override the file's routes.
+    daemon = lab.spawn(lab.host_ns, [
+        sys.executable, "-m", "ctun", "up", "--no-ui", "--no-docker",
+        "--listen", str(lab.host_underlay), "--key-file", str(lab.key_file),
+        "--config", str(config), *offload_args()], "daemon")
+    tun = Tunnel(lab, daemon, lab.start_agent())
+    wait_up(lab)
+    try:
+        assert "10.79.0.0/24" in kernel_routes(lab)
+        config.write_text(f'routes = ["{bridge}", "10.80.0.0/24"]\nmtu = 1300\n')
+        done = ctun(lab, "reload")
+        assert done.returncode == 0, done
+        assert done.stdout.splitlines() == [f"reloaded {config}",
+                                            "changed, applied at the next start: tunnel"]
+        lab.wait_until(lambda: "10.80.0.0/24" in kernel_routes(lab)
+                       and "10.79.0.0/24" not in kernel_routes(lab), 5, what="new routes")
+        config.write_text(f'routes = ["{bridge}", "10.80.0.0/33"]\n')
+        bad = ctun(lab, "reload")
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+        assert "config not reloaded" in bad.stderr and "10.80.0.0/33" in bad.stderr
+        assert "10.80.0.0/24" in kernel_routes(lab)  # a bad file changes nothing
+        assert reachable(lab)
+    finally:
+        Lab.stop(tun.agent)
+        Lab.stop(tun.daemon)

@@ -50,7 +50,8 @@ def up_with_tui(up_args: Sequence[str], interface: str, interval: float = 0.5) -
     with open(log, "wb") as out:
         daemon = subprocess.Popen(daemon_command(up_args, root), stdout=out,
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  start_new_session=True)  # Ctrl-C reaches the TUI only
+                                  start_new_session=True,  # Ctrl-C reaches the TUI only
+                                  preexec_fn=_die_with_parent)
     try:
         _wait_ready(daemon, socket_path, log)
         from .app import CtunApp
@@ -60,6 +61,17 @@ def up_with_tui(up_args: Sequence[str], interface: str, interval: float = 0.5) -
         _stop(daemon, socket_path)
     print(f"ctun stopped; its log is {log}")
     return 0
+
+
+def _die_with_parent() -> None:
+    """In the child: if `ctun up` itself is killed, the daemon (or sudo, which passes it on)
+    gets SIGTERM and cleans up, instead of running on unseen with nobody to stop it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _wait_ready(daemon: subprocess.Popen[bytes], path: Path, log: Path) -> None:
