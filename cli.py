@@ -43,6 +43,13 @@ def _tunnel_flags(p: argparse.ArgumentParser, interface: str) -> None:
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
 
 
+def _instance_flag(p: argparse.ArgumentParser, verb: str = "ask", agent: bool = False) -> None:
+    """--interface for the commands that talk to a running daemon over its socket."""
+    hint = "; the agent's is ctunvm0" if agent else ""
+    p.add_argument("--interface", default="ctun0", metavar="NAME",
+                   help=f"which instance to {verb} (default ctun0{hint})")
+
+
 class _CheckingParser(_Parser):
     """Raises UserError instead of exiting: for checking arguments meant for later use."""
 
@@ -74,8 +81,7 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
     _tunnel_flags(up, "ctun0")
 
     down = sub.add_parser("down", help="stop the daemon; it removes the agent container")
-    down.add_argument("--interface", default="ctun0", metavar="NAME",
-                      help="which instance to stop (default ctun0)")
+    _instance_flag(down, verb="stop")
 
     vm = sub.add_parser("vm", help="run the agent inside the Docker VM")
     vm.add_argument("--host", metavar="HOST", help="the host to connect to "
@@ -84,44 +90,37 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
 
     status = sub.add_parser("status", help="show the running tunnel's state and counters")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    status.add_argument("--interface", default="ctun0", metavar="NAME",
-                        help="which instance to ask (default ctun0; the agent's is ctunvm0)")
+    _instance_flag(status, agent=True)
 
     routes = sub.add_parser("routes", help="show the route table; add or remove a route")
     routes.add_argument("action", nargs="?", choices=["list", "add", "remove"], default="list",
                         help="list (default), or add/remove NETWORK until the daemon stops")
     routes.add_argument("network", nargs="?", metavar="NETWORK", help="e.g. 10.5.0.0/16")
     routes.add_argument("--json", action="store_true", help="print the answer as JSON")
-    routes.add_argument("--interface", default="ctun0", metavar="NAME",
-                        help="which instance to ask (default ctun0)")
+    _instance_flag(routes)
 
     peers = sub.add_parser("peers", help="show the peers: state, endpoint, counters")
     peers.add_argument("--json", action="store_true", help="print the peers as JSON")
-    peers.add_argument("--interface", default="ctun0", metavar="NAME",
-                       help="which instance to ask (default ctun0; the agent's is ctunvm0)")
+    _instance_flag(peers, agent=True)
 
     reconnect = sub.add_parser("reconnect", help="end a peer's session; the agent connects "
                                "again at once with a fresh handshake")
     reconnect.add_argument("peer", nargs="?", help="which peer (default: the only one)")
-    reconnect.add_argument("--interface", default="ctun0", metavar="NAME",
-                           help="which instance to ask (default ctun0)")
+    _instance_flag(reconnect)
 
     reload = sub.add_parser("reload", help="read the config file again: routes and Docker "
                             "filters change at once; other changes wait for a restart")
-    reload.add_argument("--interface", default="ctun0", metavar="NAME",
-                        help="which instance to ask (default ctun0)")
+    _instance_flag(reload)
 
     transport = sub.add_parser("transport", help="show the transports; with NAME, move the "
                                "agent onto that transport (it stays there until it fails)")
     transport.add_argument("to", nargs="?", metavar="NAME", help="udp or tcp")
     transport.add_argument("--peer", help="which peer (default: the agent)")
-    transport.add_argument("--interface", default="ctun0", metavar="NAME",
-                           help="which instance to ask (default ctun0)")
+    _instance_flag(transport)
 
     tui = sub.add_parser("tui", help="a live view of the running daemon: peers, routes, "
                          "counters; add or remove routes, reconnect peers")
-    tui.add_argument("--interface", default="ctun0", metavar="NAME",
-                     help="which instance to watch (default ctun0)")
+    _instance_flag(tui, verb="watch")
     tui.add_argument("--interval", type=float, default=0.5, metavar="SECONDS",
                      help="how often the daemon sends a snapshot (default 0.5)")
 
