@@ -95,14 +95,18 @@ def header(pane: str) -> str:
     return found.group().strip()[:200] if found else last_line(pane)
 
 
-def package_root() -> Path:
+def package_root() -> Path | None:
     """The directory holding this `ctun`, so the TUI imports the very code being measured
-    (not symlinks resolved: the package may be a link named ctun)."""
-    return Path(__file__).parent.parent.parent
+    (not symlinks resolved: the package may be a link named ctun). None when the package's
+    directory is not named ctun (an editable install of a checkout): then the interpreter
+    already finds this very code by itself."""
+    package = Path(__file__).parent.parent
+    return package.parent if package.name == "ctun" else None
 
 
 def tui_argv(run_dir: Path, interface: str) -> list[str]:
-    paths = [str(package_root()), *filter(None, [os.environ.get("PYTHONPATH")])]
+    root = package_root()
+    paths = [*([str(root)] if root else []), *filter(None, [os.environ.get("PYTHONPATH")])]
     return ["env", f"CTUN_RUN_DIR={run_dir}", f"PYTHONPATH={os.pathsep.join(paths)}",
             sys.executable, "-m", "ctun", "tui", "--interface", interface]  # fmt: skip
 
