@@ -45,6 +45,7 @@ class Terminal:
         self.tmux = tmux
         self.socket = where / "tmux.sock"
         self.config = where / "tmux.conf"
+        self.status_file = where / "exit-status"
         # remain-on-exit: the pane outlives the app, so its exit status and any traceback
         # can still be read. escape-time 0: tmux would otherwise hold Escape for 500 ms.
         # No status line: the app gets the whole WIDTH x HEIGHT.
@@ -59,8 +60,12 @@ class Terminal:
         return done.stdout
 
     def start(self, command: list[str], env: dict[str, str]) -> None:
+        # A shell records the exit status in a file: tmux (3.3a here) sometimes leaves the
+        # ended app unreaped for a long while, so the pane does not read as dead.
+        self.status_file.unlink(missing_ok=True)
+        wrapped = f"{shlex.join(command)}; echo $? > {shlex.quote(str(self.status_file))}"
         self.run("new-session", "-d", "-s", "ctun", "-x", str(WIDTH), "-y", str(HEIGHT),
-                 shlex.join(command), env=env)
+                 wrapped, env=env)
         self.started = True
 
     def kill(self) -> None:
@@ -79,10 +84,11 @@ class Terminal:
 
     def exit_status(self) -> int | None:
         """The app's exit status once it has ended, else None."""
-        # pane_dead_status is empty while the pane lives: "0" alone, or "1 <status>".
-        dead, *status = self.run("display-message", "-p", "-t", "ctun",
-                                 "#{pane_dead} #{pane_dead_status}").split()
-        return int(status[0]) if dead == "1" and status else None
+        try:
+            text = self.status_file.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text else None  # empty: the shell is still writing it
 
     def wait(self, predicate: Callable[[str], bool], what: str, timeout: float = 15.0) -> str:
         """The screen once predicate(screen) holds; fails with the screen after timeout."""
