@@ -65,8 +65,6 @@ class ControlServer:
         self.path = path
         self._handlers = dict(handlers)
         self._stream = stream
-        if stream is not None:
-            self._handlers.setdefault("subscribe", _subscribe_placeholder)
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a socket file left by a crashed run
@@ -173,7 +171,8 @@ class ControlServer:
             return {"v": SCHEMA, "ok": True, "subscribed": float(interval)}
         handler = self._handlers.get(request["cmd"])
         if handler is None:
-            known = ", ".join(sorted(self._handlers))
+            names = [*self._handlers, *(["subscribe"] if self._stream is not None else [])]
+            known = ", ".join(sorted(names))
             return {"v": SCHEMA, "ok": False,
                     "error": f"unknown cmd {request['cmd']!r} (known: {known})"}
         try:
@@ -223,11 +222,6 @@ def _connect(path: Path, timeout: float) -> socket.socket:
         sock.close()
         raise ControlError(f"{path}: {exc}") from None
     return sock
-
-
-def _subscribe_placeholder(_request: dict[str, Any]) -> dict[str, Any]:
-    # Listed so that "known: ..." names it; answer() handles subscribe itself.
-    raise RuntimeError("subscribe is handled by the server")
 
 
 def _give_to_group(path: Path, group: str) -> str | None:

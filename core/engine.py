@@ -273,7 +273,7 @@ class Engine:
                 payload = raw
             elif raw[:offset] == gso.ZERO:
                 payload = raw[offset:]
-            elif raw[1] == gso.GSO_NONE and (finished := gso.finish_checksum(raw)) is not None:
+            elif (finished := gso.finish_checksum(raw)) is not None:
                 # Not a super-packet, only a checksum left to do: finished here, it goes as
                 # plain DATA, which costs the two ends less than the header does.
                 payload = finished

@@ -118,25 +118,30 @@ def serve(
     def status(_request: dict[str, Any]) -> dict[str, Any]:
         return {"status": {**engine.snapshot(), **extra_status()}}
 
+    def peer_of(request: dict[str, Any]) -> str:
+        """The peer a request names; the only one when it names none and there is one."""
+        peer = request.get("peer")
+        names = [p.name for p in engine.peers]
+        if peer is None and len(names) == 1:
+            peer = names[0]
+        if peer not in names:
+            raise control.RequestError(f"peer must be one of {', '.join(names)}")
+        return str(peer)
+
     def disconnect(why: str) -> control.Handler:
         def handler(request: dict[str, Any]) -> dict[str, Any]:
-            peer = request.get("peer")
-            names = [p.name for p in engine.peers]
-            if peer is None and len(names) == 1:
-                peer = names[0]
-            if peer not in names:
-                raise control.RequestError(f"peer must be one of {', '.join(names)}")
+            peer = peer_of(request)
             log.info("peer %s: %s over the control socket", peer, why)
-            return {"peer": peer, "was_connected": engine.disconnect(str(peer), why)}
+            return {"peer": peer, "was_connected": engine.disconnect(peer, why)}
 
         return handler
 
     def switch(request: dict[str, Any]) -> dict[str, Any]:
-        peer, to = request.get("peer", engine.peers[0].name), request.get("to")
+        peer, to = peer_of(request), request.get("to")
         try:
-            engine.switch_transport(str(peer), str(to))
-        except (ValueError, KeyError) as exc:
-            raise control.RequestError(str(exc).strip("'\"")) from None
+            engine.switch_transport(peer, str(to))
+        except ValueError as exc:
+            raise control.RequestError(str(exc)) from None
         return {"peer": peer, "to": to}
 
     handlers = {

@@ -66,6 +66,7 @@ LINES = st.one_of(
 def test_any_request_line_gets_an_answer(line: bytes) -> None:
     srv = control.ControlServer.__new__(control.ControlServer)
     srv._handlers = {"status": lambda _r: {"status": 1}}
+    srv._stream = None  # what __init__ sets without a stream; answer() reads it
     answer = srv.answer(line)
     assert answer["v"] == control.SCHEMA and isinstance(answer["ok"], bool)
     assert answer["ok"] == (answer.get("status") == 1)
@@ -237,3 +238,9 @@ def test_a_missing_group_leaves_the_socket_to_root(tmp_path: Path,
         assert (tmp_path / "g.sock").stat().st_mode & 0o007 == 0
     finally:
         srv.close()
+
+
+def test_a_streaming_server_names_subscribe_among_its_commands(streaming: Any) -> None:
+    srv, _ = streaming
+    with pytest.raises(control.ControlError, match=r"\(known: status, subscribe\)$"):
+        control.request(srv.path, "nope")

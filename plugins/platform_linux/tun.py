@@ -68,21 +68,18 @@ class LinuxTun(VirtualInterface):
         return packets
 
     def write_packet(self, packet: bytes) -> None:
-        fd = self._check_open()
-        try:
-            if self.vnet:
-                os.writev(fd, (gso.ZERO, packet))
-            else:
-                os.write(fd, packet)
-        except OSError as exc:
-            if exc.errno not in _DROP_ERRNOS:
-                raise
-            self.write_drops += 1
+        if self.vnet:
+            self.write_gso(gso.ZERO, packet)  # an all-zero header: an ordinary packet
+            return
+        self._write(os.write, packet)
 
     def write_gso(self, header: bytes, packet: bytes | memoryview) -> None:
+        self._write(os.writev, (header, packet))
+
+    def _write(self, write: Any, data: Any) -> None:
         fd = self._check_open()
         try:
-            os.writev(fd, (header, packet))
+            write(fd, data)
         except OSError as exc:
             if exc.errno not in _DROP_ERRNOS:
                 raise
