@@ -36,8 +36,12 @@ __all__ = [
     "DEFAULT_STATE_DIR",
     "AgentConfig",
     "ConfigError",
+    "ExposeConfig",
     "HostConfig",
+    "HostsSource",
+    "Link",
     "PeerConfig",
+    "ProxyConfig",
     "Timers",
     "TunnelConfig",
     "decode_key",
@@ -142,6 +146,44 @@ class PeerConfig:
     name: str  # ^[a-z][a-z0-9_-]{0,31}$
     key: bytes = field(repr=False)  # 32-byte pre-shared secret; kept out of logged reprs
     allowed: tuple[IPv4Network, ...]  # inner source networks beyond what the role implies
+    # An accessor (a LAN machine running `ctun access`): its virtual address in the tunnel
+    # network. It is told this address, the MTU and the exposed routes when it logs in, and
+    # may reach only the exposed routes. None: a plain peer (allowed networks only).
+    ip: IPv4Address | None = None
+    origin: str = "config"  # "config" (the config file) or "store" (`ctun peer add`)
+
+
+@dataclass(frozen=True)
+class ExposeConfig:
+    """Sharing with LAN machines (docker-connector's `expose`); off unless `listen` is set."""
+
+    listen: Endpoint | None = None  # e.g. ("0.0.0.0", 2512): where accessors log in
+    routes: tuple[IPv4Network, ...] = ()  # what accessors may reach (`route CIDR expose`)
+    pong: bool = False  # the host answers accessors' pings to its tunnel address itself
+
+
+@dataclass(frozen=True)
+class HostsSource:
+    """`hosts FILE SUFFIX...`: entries of FILE whose names end in a suffix are served to
+    containers by the agent's DNS responder."""
+
+    file: Path
+    suffixes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """`proxy [IP:]PORT[:PORT]`: a host service at `target` (127.0.0.1 unless given) that
+    containers reach at the host's tunnel address and `port`."""
+
+    target: Endpoint
+    port: int
+
+
+# `iptables A+B`: two Docker subnets that may reach each other through the agent's rules.
+Link = tuple[IPv4Network, IPv4Network]
+WIRES = ("ctun", "legacy")  # legacy: docker-connector's own unauthenticated UDP format
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -165,6 +207,12 @@ class HostConfig:
     source: str | None  # the config file it came from, if any
     docker: DockerConfig = field(default_factory=DockerConfig)
     control_group: str = "ctun"  # may use the control socket (ctun status, ctun tui)
+    expose: ExposeConfig = field(default_factory=ExposeConfig)
+    links: tuple[Link, ...] = ()  # sorted pairs, each pair (lower, higher)
+    hosts: tuple[HostsSource, ...] = ()
+    proxies: tuple[ProxyConfig, ...] = ()
+    loglevel: str | None = None  # one of LOG_LEVELS; None: as the command line set it
+    wire: str = "ctun"  # one of WIRES
     # The command line's part, kept so a reload reads the file again under the same flags.
     overrides: Mapping[str, object] = field(default_factory=dict, repr=False, compare=False)
 
@@ -178,6 +226,7 @@ class AgentConfig:
     key: bytes = field(repr=False)  # kept out of logged reprs
     timers: Timers
     source: str | None
+    wire: str = "ctun"  # one of WIRES; legacy needs no key
 
 
 def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
 from .protocol import Drop, Dropped
@@ -17,11 +17,16 @@ SCHEMA = 1
 MAX_CONTROL = 1200  # fits one frame at the smallest MTU we allow, with room to spare
 
 MAX_FEATURES = 16
-KINDS = ("hello", "ack", "close_reason", "routes", "agent_status", "switch_transport")
+KINDS = ("hello", "ack", "close_reason", "routes", "agent_status", "switch_transport",
+         "access_config", "links", "hosts")
 MAX_BRIDGES = 64  # subnet -> bridge entries an agent reports (more would not fit a frame)
 ROUTES_PER_PART = 40  # 40 CIDRs of up to 18 characters stay well inside MAX_CONTROL
 MAX_PARTS = 64
 MAX_EPOCH = 1 << 53  # JSON numbers are exact up to here
+MAX_LINKS = 16  # subnet pairs in one `links` message (pairs of 18-character CIDRs)
+MAX_SUFFIXES, MAX_SUFFIX = 8, 40
+HOSTS_PER_PART = 8  # with 8 suffixes and 64-character names a part stays inside MAX_CONTROL
+MAX_NAME = 64  # a host name pushed to the agent's DNS responder
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,85 @@ def _valid_body(kind: str, body: dict[str, Any]) -> bool:
         return _short_str(body.get("to"), 32)
     if kind == "agent_status":
         return _valid_agent_status(body)
+    if kind == "access_config":
+        return _valid_access_config(body)
+    if kind == "links":
+        return _valid_links(body)
+    if kind == "hosts":
+        return _valid_hosts(body)
     return kind == "ack"
+
+
+def _network_str(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) > 18:
+        return False
+    try:
+        IPv4Network(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _address_str(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) > 15:
+        return False
+    try:
+        IPv4Address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _valid_access_config(body: dict[str, Any]) -> bool:
+    """Host -> accessor after login: its address (with the tunnel's prefix), the host's
+    tunnel address, the MTU and the exposed routes it may reach."""
+    addr, peer, mtu, routes = (body.get("addr"), body.get("peer"), body.get("mtu"),
+                               body.get("routes"))
+    if not isinstance(addr, str) or len(addr) > 18:
+        return False
+    try:
+        IPv4Interface(addr)
+    except ValueError:
+        return False
+    if not _address_str(peer) or type(mtu) is not int or not 576 <= mtu <= 9000:
+        return False
+    return (isinstance(routes, list) and len(routes) <= ROUTES_PER_PART
+            and all(_network_str(r) for r in routes))
+
+
+def _valid_links(body: dict[str, Any]) -> bool:
+    """Host -> agent: the full set of linked subnet pairs (`iptables A+B`)."""
+    pairs = body.get("pairs")
+    if not isinstance(pairs, list) or len(pairs) > MAX_LINKS:
+        return False
+    return all(isinstance(p, list) and len(p) == 2 and all(_network_str(n) for n in p)
+               for p in pairs)
+
+
+def _valid_hosts(body: dict[str, Any]) -> bool:
+    """Host -> agent: a full-state snapshot `gen` of the names its DNS responder serves,
+    split into `parts` like `routes`; `suffixes` say which queries it answers."""
+    gen, part, parts = body.get("gen"), body.get("part"), body.get("parts")
+    suffixes, entries = body.get("suffixes"), body.get("entries")
+    if type(gen) is not int or type(part) is not int or type(parts) is not int:
+        return False
+    if not (0 < gen < MAX_EPOCH and 0 < parts <= MAX_PARTS and 0 <= part < parts):
+        return False
+    if not isinstance(suffixes, list) or len(suffixes) > MAX_SUFFIXES:
+        return False
+    if not all(_short_str(s, MAX_SUFFIX) for s in suffixes):
+        return False
+    if not isinstance(entries, list) or len(entries) > HOSTS_PER_PART:
+        return False
+    return all(isinstance(e, list) and len(e) == 2 and _short_str(e[0], MAX_NAME)
+               and _address_str(e[1]) for e in entries)
+
+
+def hosts_parts(entries: list[tuple[str, str]]) -> list[list[list[str]]]:
+    """Split (name, address) entries into parts for `hosts` messages (at least one)."""
+    rows = [[name, address] for name, address in entries]
+    chunks = [rows[i:i + HOSTS_PER_PART] for i in range(0, len(rows), HOSTS_PER_PART)]
+    return chunks or [[]]
 
 
 def _valid_agent_status(body: dict[str, Any]) -> bool:
