@@ -19,9 +19,14 @@ from .config import VM_PEER, HostConfig
 from .contracts import PlatformError
 from .docker_watch import DockerWatcher, connect
 from .engine import Engine, PeerSpec, Role
+from .host_context import Feature, HostContext
 from .routing import HostRoutes
 
 log = logging.getLogger("ctun.daemon")
+
+# Host-side features, set up in this order once the tunnel is built (see host_context).
+FEATURES: list[Feature] = []
+
 
 def peer_specs(cfg: HostConfig) -> list[PeerSpec]:
     """Each peer with the networks its config gives it. The VM agent's networks also follow
@@ -57,8 +62,10 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
         plugin_sink = runtime.event_sink(pm)
 
         def on_event(peer: str, state: str, reason: str) -> None:
-            if peer == VM_PEER and state == "up":
-                routes.push()  # a new agent knows nothing yet
+            if state == "up":
+                if peer == VM_PEER:
+                    routes.push()  # a new agent knows nothing yet
+                ctx.peer_up(peer)
             plugin_sink(peer, state, reason)
 
         agent_view: dict[str, Any] = {}
@@ -68,6 +75,7 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
             if peer == VM_PEER and message.kind == "agent_status":
                 agent_view.clear()
                 agent_view.update(message.body)
+            ctx.control_message(peer, message)
 
         engine = Engine(
             Role.HOST, interface, transports, peer_specs(cfg), cfg.tunnel.mtu,
@@ -75,8 +83,11 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
             on_control=on_control, offload=cfg.tunnel.offload,
         )
         routes = HostRoutes(adapter, engine, cfg)
+        ctx = HostContext(cfg, adapter, engine, routes, resources)
         routes.start()
         agent = _follow_docker(cfg, routes, resources)
+        for feature in FEATURES:
+            feature(ctx)
         log.info(
             "listening on %s %s:%d, interface %s %s -> %s, routes: %s",
             "+".join(t.name for t in transports), *transports[0].local_endpoint, interface.name,
@@ -89,14 +100,16 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
         def extra() -> dict[str, Any]:
             return {
                 "routes": kernel_routes.get(),
-                "configured_routes": [str(r) for r in cfg.routes],
-                "config": cfg.source,
+                "configured_routes": [str(r) for r in ctx.cfg.routes],
+                "config": ctx.cfg.source,
                 "agent": agent.state if agent else "not managed",
                 "agent_view": dict(agent_view),
                 **routes.status(),
+                **ctx.status(),
             }
 
-        runtime.serve(engine, cfg.tunnel.interface, stop, extra, handlers=route_handlers(routes),
+        runtime.serve(engine, cfg.tunnel.interface, stop, extra,
+                      handlers={**route_handlers(ctx), **ctx.handlers},
                       group=cfg.control_group, owner=runtime.sudo_user())
 
 
@@ -120,8 +133,9 @@ class _Cached:
             return self._value
 
 
-def route_handlers(routes: HostRoutes) -> dict[str, control.Handler]:
+def route_handlers(ctx: HostContext) -> dict[str, control.Handler]:
     """Control requests about routes: the table, and routes added or removed at runtime."""
+    routes = ctx.routes
 
     def network_of(request: dict[str, Any]) -> IPv4Network:
         value = request.get("network")
@@ -146,10 +160,10 @@ def route_handlers(routes: HostRoutes) -> dict[str, control.Handler]:
 
     def reload(_request: dict[str, Any]) -> dict[str, Any]:
         try:
-            cfg, pending = config.reload_host_config(routes.config)
+            cfg, pending = config.reload_host_config(ctx.cfg)
         except config.ConfigError as exc:
             raise control.RequestError(f"config not reloaded: {exc}") from None
-        routes.reconfigure(cfg)
+        ctx.apply(cfg)
         log.info("config reloaded from %s%s", cfg.source or "flags only",
                  f"; needs a restart: {', '.join(pending)}" if pending else "")
         return {"source": cfg.source, "restart_needed": pending,

@@ -14,12 +14,16 @@ from .. import __version__
 from ..core import runtime
 from ..core.config import AgentConfig
 from ..core.engine import Engine, PeerSpec, Role
+from ..core.messages import ControlMessage
+from .agent_context import AgentContext, Feature
 from .firewall import Firewall, FirewallError
 from .forwarding import Forwarding
 
 log = logging.getLogger("ctun.vm")
 
 HOST_PEER = "host"
+# VM-side features, set up in this order once the tunnel is built (see agent_context).
+FEATURES: list[Feature] = []
 
 
 def resolve(host: str, port: int, stop: threading.Event) -> str | None:
@@ -59,25 +63,34 @@ def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> No
         def on_event(peer: str, state: str, reason: str) -> None:
             if state == "up":
                 forwarding.report_again()
+                ctx.session_up()
             plugin_sink(peer, state, reason)
+
+        def on_control(peer: str, message: ControlMessage) -> None:
+            forwarding.on_control(peer, message)
+            ctx.control_message(peer, message)
 
         def report(summary: dict[str, Any]) -> None:
             engine.send_control(HOST_PEER, "agent_status", **summary)
 
-        forwarding = Forwarding(adapter, _firewall(cfg.tunnel.interface), report)
+        firewall = _firewall(cfg.tunnel.interface)
+        forwarding = Forwarding(adapter, firewall, report)
         engine = Engine(
             Role.VM, interface, transports, [host], cfg.tunnel.mtu, runtime.engine_timers(cfg),
             name=socket.gethostname(), version=__version__, remote=(address, cfg.port),
-            on_event=on_event, on_control=forwarding.on_control, offload=cfg.tunnel.offload,
+            on_event=on_event, on_control=on_control, offload=cfg.tunnel.offload,
         )
         forwarding.start()
         resources.callback(forwarding.stop)
+        ctx = AgentContext(cfg, adapter, engine, firewall, resources)
+        for feature in FEATURES:
+            feature(ctx)
         log.info("connecting to %s (%s:%d) over %s from %s %s", cfg.host, address, cfg.port,
                  cfg.transport, interface.name, cfg.tunnel.vm_address)
 
         def extra() -> dict[str, Any]:
             return {"remote": [cfg.host, cfg.port], "routes": [str(r) for r in adapter.routes()],
-                    **forwarding.status()}
+                    **forwarding.status(), **ctx.status()}
 
         runtime.serve(engine, cfg.tunnel.interface, stop, extra)
 
