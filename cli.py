@@ -36,11 +36,15 @@ def _tunnel_flags(p: argparse.ArgumentParser, interface: str) -> None:
     p.add_argument("--interface", metavar="NAME", help=f"interface name (default {interface})")
     p.add_argument("--transport", metavar="NAME", help="transport plugin (default udp)")
     p.add_argument("--key-file", metavar="FILE", help="pre-shared key file of the VM peer")
+    p.add_argument("--wire", choices=["ctun", "legacy"],
+                   help="wire format (default ctun); legacy: docker-connector's own, "
+                        "UNAUTHENTICATED and unencrypted (see docs/legacy.md)")
     p.add_argument("--keepalive", metavar="SECONDS", help=argparse.SUPPRESS)
     p.add_argument("--dead-after", metavar="SECONDS", help=argparse.SUPPRESS)
     p.add_argument("--rekey-after", metavar="SECONDS", help=argparse.SUPPRESS)
-    p.add_argument("--log-level", default="INFO",
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
+    # No default here: an unset flag lets the config file's `loglevel` decide.
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log level (default: the config's loglevel, else INFO)")
 
 
 def _instance_flag(p: argparse.ArgumentParser, verb: str = "ask", agent: bool = False) -> None:
@@ -108,8 +112,9 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
     reconnect.add_argument("peer", nargs="?", help="which peer (default: the only one)")
     _instance_flag(reconnect)
 
-    reload = sub.add_parser("reload", help="read the config file again: routes and Docker "
-                            "filters change at once; other changes wait for a restart")
+    reload = sub.add_parser("reload", help="apply the config file now (the daemon also "
+                            "applies a saved change by itself); tunnel, listen, transport and "
+                            "timers wait for a restart")
     _instance_flag(reload)
 
     transport = sub.add_parser("transport", help="show the transports; with NAME, move the "
@@ -128,12 +133,26 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
                              "transports and platform adapters")
     plugins.add_argument("--json", action="store_true", help="print the list as JSON")
 
+    config_cmd = sub.add_parser("config", help="config files: import a docker-connector.conf")
+    config_actions = config_cmd.add_subparsers(dest="config_action", metavar="ACTION",
+                                               required=True, parser_class=parser_class)
+    config_import = config_actions.add_parser(
+        "import", help="convert a docker-connector.conf to ctun's TOML",
+        description="Convert a docker-connector.conf to ctun TOML that loads to the same "
+                    "configuration (ctun also reads the original as it is).")
+    config_import.add_argument("file", metavar="FILE", help="the docker-connector.conf")
+    config_import.add_argument("-o", "--output", metavar="OUT",
+                               help="write the TOML here (default: standard output)")
+    config_import.add_argument("--force", action="store_true", help="overwrite OUT")
+
     demo = sub.add_parser("demo", help="build a local lab in network namespaces and show "
                           "a container reached by IP through ctun")
     demo.add_argument("--duration", type=float, metavar="SECONDS",
                       help="stop after this long instead of waiting for Ctrl-C")
     demo.add_argument("--containers", type=int, default=2, metavar="N",
                       help="container namespaces to create (default 2)")
+
+    _sharing_parsers(sub, parser_class)
 
     service = sub.add_parser("service", help="run the host daemon as a system service "
                              "(systemd, launchd, Windows SCM)")
@@ -161,6 +180,48 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
     return parser
 
 
+def _sharing_parsers(sub: Any, parser_class: type[_Parser]) -> None:
+    """`ctun peer` (on the host: who may log in from the LAN) and `ctun access` (on the LAN
+    machine: log in)."""
+    peer = sub.add_parser("peer", help="share containers with LAN machines: add, remove and "
+                          "list accessors (see docs/access.md)")
+    actions = peer.add_subparsers(dest="peer_action", metavar="ACTION", required=True,
+                                  parser_class=parser_class)
+    add = actions.add_parser("add", help="create an accessor with its own key and address; "
+                             "prints the command to run on its machine")
+    add.add_argument("name", metavar="NAME", help="e.g. alice")
+    add.add_argument("--ip", metavar="IP", help="its address in the tunnel network "
+                     "(default: the next free one)")
+    add.add_argument("--remote", metavar="HOST:PORT", help="where its machine reaches this "
+                     "host (default: the expose address, else this machine's LAN address)")
+    add.add_argument("--config", metavar="FILE", help="config file, when ctun is not running "
+                     "(default /etc/ctun/ctun.toml)")
+    _instance_flag(add, verb="tell")
+    rm = actions.add_parser("rm", help="delete an accessor and cut it off at once")
+    rm.add_argument("name", metavar="NAME")
+    _instance_flag(rm, verb="tell")
+    listing = actions.add_parser("list", help="list the accessors and their state")
+    listing.add_argument("--json", action="store_true", help="print the list as JSON")
+    listing.add_argument("--config", metavar="FILE", help="config file, when ctun is not "
+                         "running (default /etc/ctun/ctun.toml)")
+    _instance_flag(listing)
+
+    access = sub.add_parser("access", help="reach a host's shared containers from this "
+                            "machine (the command `ctun peer add` prints)")
+    access.add_argument("--remote", required=True, metavar="HOST:PORT",
+                        help="the host's expose address, e.g. 192.0.2.10:2512")
+    access.add_argument("--key", metavar="KEY", help="the key `ctun peer add` printed "
+                        "(or --key-file, or $CTUN_KEY: not visible to other users)")
+    access.add_argument("--key-file", metavar="FILE", help="a file holding the key (mode 0600)")
+    access.add_argument("--interface", default="ctunacc0", metavar="NAME",
+                        help="interface name (default ctunacc0)")
+    access.add_argument("--transport", default="auto", choices=["auto", "udp", "tcp"],
+                        help="auto (default): UDP, falling back to TCP")
+    access.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level (default INFO)")
+
+
 def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     found = {}
     for name in names:
@@ -174,7 +235,7 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]
 
 _DOCKER_FLAGS = ("docker_enabled", "docker_agent", "agent_host", "agent_base")
 _COMMON = ("addr", "port", "mtu", "offload", "interface", "transport", "key_file", "keepalive",
-           "dead_after", "rekey_after")
+           "dead_after", "rekey_after", "wire")
 
 
 def _is_admin() -> bool:
@@ -224,12 +285,85 @@ def _run_tunnel(args: argparse.Namespace) -> int:
     # An unknown transport is a user error: say so now, not from inside the engine.
     runtime.transport_classes(pm, cfg.transport)
     listener = logs.setup(args.log_level)
+    logs.apply_config_level(getattr(cfg, "loglevel", None))  # the VM side has none (yet)
     try:
         with runtime.stop_on_signals() as stop:
             run(cfg, pm, stop)
     finally:
         listener.stop()
     return 0
+
+
+def _peer(args: argparse.Namespace) -> int:
+    from .core import peer_admin
+
+    if args.peer_action == "list":
+        rows = peer_admin.listing(args.config, args.interface)
+        print(json.dumps(rows, indent=2) if args.json
+              else "\n".join(peer_admin.format_listing(rows)))
+        return 0
+    if not _is_admin():
+        raise UserError(f"ctun peer {args.peer_action} needs root: the peer store "
+                        f"({peer_admin.store_file()}) holds the accessors' keys; run it with sudo")
+    if args.peer_action == "add":
+        print("\n".join(peer_admin.add(args.name, args.ip, args.remote, args.config,
+                                       args.interface)))
+    else:
+        print(peer_admin.remove(args.name, args.interface))
+    return 0
+
+
+def _access(args: argparse.Namespace) -> int:
+    from .core import access, logs, plugins, runtime
+
+    cfg = access.AccessConfig(
+        remote=access.parse_remote(args.remote), key=access.load_key(args.key, args.key_file),
+        interface=access.check_interface(args.interface), transport=args.transport)
+    _require_root("ctun access")
+    pm = plugins.create_manager()
+    runtime.transport_classes(pm, cfg.transport)
+    listener = logs.setup(args.log_level)
+    try:
+        with runtime.stop_on_signals() as stop:
+            access.run(cfg, pm, stop)
+    finally:
+        listener.stop()
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    """`ctun config import`: checked like `ctun up` would, but reading no key file."""
+    import datetime
+
+    from .core import config, legacy_config
+
+    cfg = config.check_host_config(args.file)
+    if not legacy_config.looks_legacy(_read_text(args.file)):
+        raise UserError(f"{args.file}: already ctun TOML; use it as it is "
+                        f"(ctun up --config {args.file})")
+    text = legacy_config.to_toml(cfg, os.path.abspath(args.file), config.default_state_dir(),
+                                 datetime.date.today())
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:  # "x": refuse a file that exists, even one made since we looked
+        with open(args.output, "w" if args.force else "x", encoding="utf-8") as f:
+            f.write(text)
+    except FileExistsError:
+        raise UserError(f"{args.output} exists; pass --force to overwrite it") from None
+    except OSError as exc:
+        raise UserError(f"{args.output}: cannot write: {exc.strerror or exc}") from None
+    print(f"wrote {args.output}; check it, then: ctun up --config {args.output}",
+          file=sys.stderr)
+    return 0
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, ValueError) as exc:  # read once already: only a race gets here
+        raise UserError(f"{path}: cannot read: {exc}") from None
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -343,6 +477,9 @@ def format_status(status: dict[str, Any]) -> str:
         f"{status['transport']} {status['local_endpoint'][0]}:{status['local_endpoint'][1]}  "
         f"up {status['uptime']:.0f} s",
     ]
+    if status.get("wire"):  # legacy mode: say so on every status, it is not safe
+        lines.append(f"wire: {status['wire']}")
+    lines += format_config(status)  # first: a config that did not load must not be missed
     lines += format_peers(status["peers"])
     if status.get("drops"):
         drops = ", ".join(f"{k} {v}" for k, v in sorted(status["drops"].items()))
@@ -364,7 +501,51 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("routes: " + (", ".join(status["routes"]) or "none"))
     for problem in status.get("route_problems", []):
         lines.append(f"warning: {problem}")
+    lines += format_access(status.get("access"))
     return "\n".join(lines)
+
+
+def format_access(part: Any) -> list[str]:
+    """Sharing: the host's expose listener and accessors, or an accessor's own settings."""
+    if not isinstance(part, dict):
+        return []
+    if "expose" not in part:  # `ctun access` itself
+        if not part.get("address"):
+            return ["access: waiting for the host's settings (nothing routed yet)"]
+        return [f"access: {part['address']} via {part['host_address']}, MTU {part['mtu']}, "
+                f"routes: {', '.join(part['routes']) or 'none'}"]
+    expose = part["expose"]
+    if expose.get("listen"):
+        lines = [f"sharing: listening on {'+'.join(expose['transports'])} {expose['listen']}, "
+                 f"exposed: {', '.join(expose['routes']) or 'nothing'}"]
+    else:
+        lines = ["sharing: off"]
+    lines += [f"  accessor {a['name']} {a['ip']} ({a['origin']}): {a['state']}"
+              for a in part.get("accessors", [])]
+    lines += [f"warning: {p}" for p in part.get("problems", [])]
+    return lines
+
+
+def format_config(status: dict[str, Any]) -> list[str]:
+    """The config file's state: an error that keeps the last good config running, changes
+    that wait for a restart, and other problems the daemon reports."""
+    part = status.get("config")
+    lines = []
+    error = None
+    if isinstance(part, dict):  # a daemon from before hot reload sent just the file name
+        error = part.get("error")
+        if error:
+            import time
+
+            loaded = time.strftime("%H:%M:%S", time.localtime(part.get("loaded_at") or 0))
+            lines.append(f"CONFIG ERROR: {error}")
+            lines.append(f"  still running the config loaded at {loaded}; "
+                         "the file is applied as soon as it is fixed")
+        if part.get("restart_needed"):
+            lines.append("config changed, applied at the next start: "
+                         + ", ".join(part["restart_needed"]))
+    lines += [f"problem: {p}" for p in status.get("problems", []) if p != f"config: {error}"]
+    return lines
 
 
 def format_peers(peers: list[dict[str, Any]]) -> list[str]:
@@ -531,6 +712,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plugins": _plugins,
     "demo": _demo,
     "service": _service,
+    "config": _config,
+    "peer": _peer,
+    "access": _access,
 }
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pluggy
 
 from .. import __version__
-from . import config, control, messages, runtime
+from . import accessors, agent_push, config_watch, control, hosts_push, messages, proxy, runtime
 from .agent_container import AgentContainer
 from .config import VM_PEER, HostConfig
 from .contracts import PlatformError
@@ -25,16 +25,29 @@ from .routing import HostRoutes
 log = logging.getLogger("ctun.daemon")
 
 # Host-side features, set up in this order once the tunnel is built (see host_context).
-FEATURES: list[Feature] = []
+FEATURES: list[Feature] = [
+    config_watch.setup,  # hot reload; also the `reload` request (first: others may fail)
+    agent_push.setup,  # subnet links: the pairs the agent opens its firewall for
+    accessors.setup,  # sharing with LAN machines: expose listener, accessor peers
+    hosts_push.setup,  # hosts-file entries for the agent's DNS responder
+    proxy.setup,  # host services on 127.0.0.1 relayed from the tunnel address (TCP)
+]
 
 
 def peer_specs(cfg: HostConfig) -> list[PeerSpec]:
     """Each peer with the networks its config gives it. The VM agent's networks also follow
-    the routing table; HostRoutes sets them, before the engine starts and on every change."""
-    return [PeerSpec(p.name, p.key, p.allowed, p.allowed) for p in cfg.peers]
+    the routing table; HostRoutes sets them, before the engine starts and on every change.
+    Accessors (peers with an `ip`) own just that address, and only while sharing is on; the
+    peer store's are added by the accessors feature."""
+    return [accessors.spec_for(p) for p in accessors.admitted(cfg, list(cfg.peers))]
 
 
 def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> None:
+    if cfg.wire == "legacy":  # docker-connector's unauthenticated format (docs/legacy.md)
+        from .legacy.daemon import run_legacy
+
+        run_legacy(cfg, pm, stop, FEATURES)
+        return
     transport_classes = runtime.transport_classes(pm, cfg.transport)
     with runtime.platform(pm, cfg.tunnel.interface) as (adapter, resources):
         conflict = adapter.conflicting_route(cfg.tunnel.network)
@@ -83,7 +96,7 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
             on_control=on_control, offload=cfg.tunnel.offload,
         )
         routes = HostRoutes(adapter, engine, cfg)
-        ctx = HostContext(cfg, adapter, engine, routes, resources)
+        ctx = HostContext(cfg, adapter, engine, routes, resources, pm=pm)
         routes.start()
         agent = _follow_docker(cfg, routes, resources)
         for feature in FEATURES:
@@ -101,7 +114,6 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
             return {
                 "routes": kernel_routes.get(),
                 "configured_routes": [str(r) for r in ctx.cfg.routes],
-                "config": ctx.cfg.source,
                 "agent": agent.state if agent else "not managed",
                 "agent_view": dict(agent_view),
                 **routes.status(),
@@ -158,19 +170,8 @@ def route_handlers(ctx: HostContext) -> dict[str, control.Handler]:
             raise control.RequestError(str(exc)) from None
         return {}
 
-    def reload(_request: dict[str, Any]) -> dict[str, Any]:
-        try:
-            cfg, pending = config.reload_host_config(ctx.cfg)
-        except config.ConfigError as exc:
-            raise control.RequestError(f"config not reloaded: {exc}") from None
-        ctx.apply(cfg)
-        log.info("config reloaded from %s%s", cfg.source or "flags only",
-                 f"; needs a restart: {', '.join(pending)}" if pending else "")
-        return {"source": cfg.source, "restart_needed": pending,
-                "route_table": routes.status()["route_table"]}
-
+    # `reload` is core/config_watch's: the one function a changed file also goes through.
     return {
-        "reload": reload,
         "routes": lambda _req: {"route_table": routes.status()["route_table"]},
         "add_route": add,
         "remove_route": remove,

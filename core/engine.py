@@ -6,11 +6,18 @@ checks them in the protocol's fixed order and writes what survives to the interf
 timer thread runs handshakes, keepalives, control retransmits, offload switching and the
 event queue. Logging and plugin hooks only ever run on the timer thread, so nothing slow sits
 on the packet path.
+
+On the host, LAN machines logged in with `ctun access` (accessor peers) never reach the host's
+interface: the pump relays their packets to the VM peer when they go to an exposed route, and
+the VM's answers straight back (see _relay). Peers and listeners come and go at runtime; every
+change to what the pump looks up is made on the pump thread itself (_on_pump), between two
+frames, so a revoked peer's very next frame is already unknown.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import logging
 import queue
@@ -23,11 +30,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from . import gso, messages
+from . import gso, messages, relay
 from .contracts import Endpoint, Transport, VirtualInterface
+from .login_limit import FailedLogins
 from .protocol import (
     MAX_FRAME,
     TRANSPORT_OVERHEAD,
@@ -69,6 +77,7 @@ RECENT_EVENTS = 200
 FEATURE_GSO = "gso"  # in hello: "send me DATA_GSO frames, my interface takes them"
 _INTERFACE = "interface"  # selector keys of the pump
 _WAKE = "wake"
+PUMP_TASK_TIMEOUT = 10.0  # a change waiting for the pump thread; it answers within a batch
 
 # What a user should check when a drop reason shows up in the log.
 DROP_HINTS = {
@@ -81,6 +90,10 @@ DROP_HINTS = {
                              "[peers.*] allowed)",
     Drop.NO_SESSION: "packets for a peer that is not connected",
     Drop.NO_PEER: "packets for an address no peer owns",
+    Drop.NOT_EXPOSED: "an accessor sent to (or the VM answered it from) an address outside "
+                      "the exposed routes",
+    Drop.LOGIN_RATE_LIMITED: "many failed handshakes from one address (a wrong key, or "
+                             "someone guessing): its handshakes are ignored for a while",
 }
 
 
@@ -95,6 +108,74 @@ class PeerSpec:
     psk: bytes
     allowed_sources: tuple[IPv4Network, ...]
     routes: tuple[IPv4Network, ...]
+    # Host side: a LAN machine (`ctun access`). Its allowed sources and routes are its one
+    # address (a /32), and it reaches only the exposed routes, relayed to the VM peer.
+    accessor: bool = False
+
+
+@dataclass(frozen=True)
+class _Expose:
+    """What accessors may reach; swapped whole, so the pump sees one policy or the next."""
+
+    routes: Prefixes
+    networks: tuple[IPv4Network, ...]
+    host_address: int  # the host's tunnel address, answered by the engine when pong is on
+    pong: bool
+
+
+_NOTHING_EXPOSED = _Expose(Prefixes(), (), -1, False)
+
+
+class _Removed(Transport):
+    """What a removed transport's slot holds: paths are indices, and a reused index would
+    send a peer's frames over the wrong transport."""
+
+    name = "removed"
+
+    @classmethod
+    def listen(cls, bind: Endpoint) -> Transport:
+        raise NotImplementedError
+
+    @classmethod
+    def connect(cls, remote: Endpoint) -> Transport:
+        raise NotImplementedError
+
+    @property
+    def local_endpoint(self) -> Endpoint:
+        return ("0.0.0.0", 0)
+
+    def fileno(self) -> int:
+        return -1
+
+    def receive(self, limit: int = 64) -> list[tuple[bytes, Endpoint]]:
+        return []
+
+    def send(self, frame: bytes, to: Endpoint) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+PumpAction = Callable[[selectors.BaseSelector | None], Any]
+
+
+class _PumpTask:
+    """A change the pump thread makes between two frames; the caller waits for it."""
+
+    def __init__(self, action: PumpAction) -> None:
+        self.action = action
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: Exception | None = None
+
+    def run(self, selector: selectors.BaseSelector | None) -> None:
+        try:
+            self.result = self.action(selector)
+        except Exception as exc:  # handed to the waiting caller, raised there
+            self.error = exc
+        finally:
+            self.done.set()
 
 
 @dataclass(frozen=True)
@@ -138,22 +219,29 @@ class Engine:
         if not transports:
             raise ValueError("the engine needs at least one transport")
         # In order of preference: the VM side starts on the first and falls back in turn.
+        # Replaced whole, never changed in place (a removed one leaves a _Removed): the
+        # pump and the timer read it without a lock, and a peer's path stays its index.
         self.transports = list(transports)
         self.mtu = mtu
         self.timers = timers
         self.name = name
         self.version = version
-        self.peers = [
-            Peer(p.name, p.psk, Prefixes(p.allowed_sources), Prefixes(p.routes)) for p in peers
-        ]
-        if role is Role.HOST:
-            for peer in self.peers:
-                peer.state = "waiting"  # for its first handshake
-        else:
-            if remote is None or len(self.peers) != 1:
-                raise ValueError("the VM side talks to exactly one host at a known address")
-            self.peers[0].endpoint = remote
-        self._by_key_id = {p.key_id: p for p in self.peers}
+        self._offload = offload
+        # The peer tables, rebuilt whole by _index_peers on every change (see _on_pump).
+        self.peers: list[Peer] = []
+        self._by_key_id: dict[bytes, Peer] = {}
+        self._accessors: dict[int, Peer] = {}  # accessor address -> accessor
+        self._plain: list[Peer] = []  # everyone else: where accessors' packets may go
+        self._relaying = False  # any accessor at all: the only cost of this on the fast path
+        self._expose = _NOTHING_EXPOSED
+        new = [self._make_peer(spec) for spec in peers]
+        if role is Role.VM and (remote is None or len(new) != 1):
+            raise ValueError("the VM side talks to exactly one host at a known address")
+        for peer in new:
+            self._check_new_peer(peer, [p for p in new if p is not peer])
+        if role is Role.VM:
+            new[0].endpoint = remote
+        self._index_peers(new)
         self._sessions: dict[int, tuple[Session, Peer]] = {}
         self._lock = threading.Lock()  # handshake and session bookkeeping, never per packet
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
@@ -166,6 +254,8 @@ class Engine:
         # Tells the peer that our control sequence numbers start over (we restarted).
         self.epoch = secrets.randbelow(messages.MAX_EPOCH - 1) + 1
         self.drops_in: Counter[str] = Counter()  # frames no session could be found for
+        self._failed_logins = FailedLogins()
+        self.logins_failed = 0  # handshakes refused for their key id, MAC or age
         self.drops_out: Counter[str] = Counter()  # interface packets with nowhere to go
         # Nothing legitimate is bigger: one packet of at most the MTU, or one control message;
         # only a DATA_GSO frame (a super-packet), and only if we said we take them, may be.
@@ -180,7 +270,13 @@ class Engine:
         self._stop = threading.Event()
         # A socket pair, not a pipe: Windows can only wait on sockets.
         self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
         self._threads: list[threading.Thread] = []
+        self._pump_lock = threading.Lock()  # whether the pump runs, and its queue of changes
+        self._pump_tasks: collections.deque[_PumpTask] = collections.deque()
+        self._pump_thread: threading.Thread | None = None
+        self._selector: selectors.BaseSelector | None = None  # set while the pump runs
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -204,7 +300,7 @@ class Engine:
             except Exception:
                 log.exception("engine thread %s failed; stopping", threading.current_thread().name)
                 self._stop.set()
-                self._wake_w.send(b"x")
+                self._wake()
 
         return run
 
@@ -218,7 +314,7 @@ class Engine:
             for peer in self.peers:
                 self._send_close(peer, reason)
         self._stop.set()
-        self._wake_w.send(b"x")
+        self._wake()
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=5)
@@ -229,6 +325,36 @@ class Engine:
     def wait(self, timeout: float | None = None) -> bool:
         return self._stop.wait(timeout)
 
+    def _wake(self) -> None:
+        # Full: the pump has a wake-up pending anyway. Closed: it has stopped.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def _on_pump(self, action: PumpAction) -> Any:
+        """Run `action` on the pump thread, between two frames, and return what it returns
+        (thread-safe). The pump's lookups then never change under a frame it is checking.
+        Before start() and after the pump stopped, `action` runs here with no selector."""
+        task = _PumpTask(action)
+        with self._pump_lock:
+            if self._selector is None or threading.current_thread() is self._pump_thread:
+                task.run(self._selector)
+            else:
+                self._pump_tasks.append(task)
+                self._wake()
+        if not task.done.wait(PUMP_TASK_TIMEOUT):
+            raise TimeoutError("the engine's packet pump did not take the change")
+        if task.error is not None:
+            raise task.error
+        return task.result
+
+    def _run_pump_tasks(self, selector: selectors.BaseSelector | None) -> None:
+        while True:
+            try:
+                task = self._pump_tasks.popleft()
+            except IndexError:
+                return
+            task.run(selector)
+
     # --- the packet pump --------------------------------------------------------------
 
     def _pump(self) -> None:
@@ -237,17 +363,36 @@ class Engine:
         batches, so neither direction starves the other) pays for one wake-up per burst."""
         # selectors, not poll(): the same code waits with epoll, kqueue or (Windows) select.
         selector = selectors.DefaultSelector()
-        selector.register(self.interface.fileno(), selectors.EVENT_READ, _INTERFACE)
-        for path, transport in enumerate(self.transports):
-            selector.register(transport.fileno(), selectors.EVENT_READ, path)
-        selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
-        while not self._stop.is_set():
-            for key, _events in selector.select(1.0):
-                source = key.data
-                if source is _INTERFACE:
-                    self._from_interface()
-                elif source is not _WAKE:
-                    self._from_network(source)
+        with self._pump_lock:
+            selector.register(self.interface.fileno(), selectors.EVENT_READ, _INTERFACE)
+            for path, transport in enumerate(self.transports):
+                if not isinstance(transport, _Removed):
+                    selector.register(transport.fileno(), selectors.EVENT_READ, path)
+            selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+            self._pump_thread, self._selector = threading.current_thread(), selector
+        try:
+            while not self._stop.is_set():
+                for key, _events in selector.select(1.0):
+                    source = key.data
+                    if source is _INTERFACE:
+                        self._from_interface()
+                    elif source is _WAKE:
+                        self._woken(selector)
+                    else:
+                        self._from_network(source)
+        finally:
+            with self._pump_lock:
+                self._selector = None
+                # Whatever was queued runs now, as it would before start(): nobody waits
+                # for a pump that has gone.
+                self._run_pump_tasks(None)
+            selector.close()
+
+    def _woken(self, selector: selectors.BaseSelector) -> None:
+        with contextlib.suppress(OSError):  # BlockingIOError: nothing more to read
+            while self._wake_r.recv(4096):
+                pass
+        self._run_pump_tasks(selector)
 
     def _from_interface(self) -> None:
         packets = self.interface.read_packets(BATCH)
@@ -310,6 +455,10 @@ class Engine:
         destination = ipv4_destination(packet, offset)
         if destination is None:
             return None
+        if self._relaying:
+            # An accessor's /32 is the most specific route there is: one lookup, so that
+            # many accessors cost the VM's traffic nothing.
+            return self._accessors.get(destination) or self._plain_peer_for(destination)
         best, best_len = None, -1
         for peer in self.peers:
             length = peer.routes.longest_match(destination)
@@ -382,10 +531,14 @@ class Engine:
         if peer.state != "up" and session is peer.current:
             self._set_state(peer, "up", "traffic resumed")
         if ftype is FrameType.DATA:
+            if self._relaying and self._relay(peer, payload, ftype, now):
+                return
             self.interface.write_packet(payload)
             peer.counters.rx_packets += 1
             peer.counters.rx_bytes += len(payload)
         elif ftype is FrameType.DATA_GSO:
+            if self._relaying and self._relay(peer, payload, ftype, now):
+                return
             self.interface.write_gso(gso.wire_to_vnet(payload),
                                      memoryview(payload)[gso.HEADER_LEN:])
             counters = peer.counters
@@ -398,6 +551,94 @@ class Engine:
             self._on_control(peer, session, message, now)
         elif ftype is FrameType.CLOSE:
             self._on_close(peer, session)
+
+    # --- relaying between accessors and the VM (host side) -------------------------------
+
+    def _relay(self, peer: Peer, payload: bytes, ftype: FrameType, now: float) -> bool:
+        """Host with accessors, for a checked packet: True when it was dealt with here
+        (relayed, or refused by raising Dropped), False when it goes to the interface.
+
+        An accessor's packet never reaches the interface: to an exposed route it goes to the
+        peer owning that route, a ping of the host's tunnel address is answered here (pong),
+        anything else is `not_exposed`. Another peer's packet for an accessor goes to it
+        only from inside an exposed route."""
+        offset = gso.HEADER_LEN if ftype is FrameType.DATA_GSO else 0
+        destination = int.from_bytes(payload[offset + 16:offset + 20], "big")
+        expose = self._expose
+        if peer.accessor:
+            if destination == expose.host_address:
+                # Checked before the routes: through the VM, it would come back to the host.
+                reply = relay.echo_reply(payload) if expose.pong and not offset else None
+                if reply is None:
+                    raise Dropped(Drop.NOT_EXPOSED)
+                target, packet, ftype = peer, reply, FrameType.DATA
+            elif destination in expose.routes:
+                found = self._plain_peer_for(destination)
+                if found is None:
+                    raise Dropped(Drop.NO_PEER)
+                target, packet = found, payload
+            else:
+                raise Dropped(Drop.NOT_EXPOSED)
+        else:
+            accessor = self._accessors.get(destination)
+            if accessor is None:
+                return False
+            if int.from_bytes(payload[offset + 12:offset + 16], "big") not in expose.routes:
+                raise Dropped(Drop.NOT_EXPOSED)
+            target, packet = accessor, payload
+        counters = peer.counters
+        counters.rx_packets += 1
+        counters.rx_bytes += len(payload) - offset
+        if offset:
+            counters.rx_super += 1
+        self._forward(target, packet, ftype, now)
+        return True
+
+    def _plain_peer_for(self, destination: int) -> Peer | None:
+        best, best_len = None, -1
+        for peer in self._plain:
+            length = peer.routes.longest_match(destination)
+            if length > best_len:
+                best, best_len = peer, length
+        return best
+
+    def _forward(self, target: Peer, packet: bytes, ftype: FrameType, now: float) -> None:
+        """Seal a relayed packet for `target`; its drops count as the target's, like those
+        of packets from the interface."""
+        counters = target.counters
+        session, endpoint = target.current, target.endpoint
+        if session is None or endpoint is None or \
+                now - session.created > self.timers.reject_after:
+            counters.drops_out[Drop.NO_SESSION] += 1
+            return
+        packets = [packet]
+        offset = 0
+        if ftype is FrameType.DATA_GSO:
+            if target.gso:
+                offset = gso.HEADER_LEN
+                counters.tx_super += 1
+            else:
+                # It never offered to take super-packets: cut here what its kernel would
+                # have cut (rare: only when one end runs without offloads).
+                packets, ftype = relay.plain_packets(packet), FrameType.DATA
+        transport = self.transports[target.path]
+        frames = []
+        for item in packets:
+            try:
+                frame = session.sealer.seal(ftype, item)
+            except Dropped as dropped:
+                counters.drops_out[dropped.reason] += 1
+                continue
+            if len(frame) > transport.max_frame:
+                counters.drops_out[Drop.OVERSIZE] += 1
+                continue
+            frames.append(frame)
+            counters.tx_packets += 1
+            counters.tx_bytes += len(item) - offset
+        if len(frames) == 1:
+            transport.send(frames[0], endpoint)
+        elif frames:
+            transport.send_many(frames, endpoint)
 
     def _on_keepalive(self, peer: Peer, session: Session, payload: bytes, now: float,
                       source: Endpoint, path: int) -> None:
@@ -436,8 +677,14 @@ class Engine:
         if self.role is not Role.HOST:
             raise Dropped(Drop.UNKNOWN_TYPE)
         message = parse_init(frame)
+        address = source[0]
+        # An address that keeps failing is ignored before anything costs: by address, so
+        # a peer logging in from its own address never pays for someone else's guesses.
+        if not self._failed_logins.allowed(address, now):
+            raise Dropped(Drop.LOGIN_RATE_LIMITED)
         peer = self._by_key_id.get(message.key_id)
         if peer is None:
+            self._login_failed(address, now)
             raise Dropped(Drop.UNKNOWN_PEER)
         try:
             verify_init(message, peer.psk)
@@ -447,10 +694,12 @@ class Engine:
                 time.time_ns(),
                 int(self.timers.handshake_skew * 1e9),
             )
-            if now - peer.last_init_accepted < 1 / INITS_PER_SECOND:
-                raise Dropped(Drop.RATE_LIMITED)
         except Dropped as dropped:
             peer.counters.drops_in[dropped.reason] += 1
+            self._login_failed(address, now)
+            return
+        if now - peer.last_init_accepted < 1 / INITS_PER_SECOND:
+            peer.counters.drops_in[Drop.RATE_LIMITED] += 1  # the right key, just too often
             return
         with self._lock:
             response, keys = create_response(message, peer.psk, self._new_index())
@@ -462,6 +711,10 @@ class Engine:
             peer.pending_response = session
             self._sessions[session.local_index] = (session, peer)
         self.transports[path].send(response, source)
+
+    def _login_failed(self, address: str, now: float) -> None:
+        self.logins_failed += 1
+        self._failed_logins.failed(address, now)
 
     def _on_response(self, frame: bytes, source: Endpoint, now: float, path: int) -> None:
         if self.role is not Role.VM:
@@ -546,7 +799,7 @@ class Engine:
 
     # --- control channel ---------------------------------------------------------------
 
-    def send_control(self, peer_name: str, kind: str, **body: Any) -> None:
+    def send_control(self, peer_name: str, kind: str, /, **body: Any) -> None:
         """Queue a control message; it is retransmitted until acknowledged (thread-safe)."""
         self._queue_control(self._peer(peer_name), kind, **body)
 
@@ -554,6 +807,9 @@ class Engine:
                           routes: Iterable[IPv4Network]) -> None:
         """Change what a peer may send from and what is sent to it, without a restart."""
         peer = self._peer(peer_name)
+        if peer.accessor:
+            raise ValueError(f"{peer_name!r} is an accessor: its address is fixed; remove it "
+                             "and add it again with the new one")
         # Each is one attribute store: the pumps see the old set or the new one, never a mix.
         peer.allowed_sources = Prefixes(allowed_sources)
         peer.routes = Prefixes(routes)
@@ -564,7 +820,141 @@ class Engine:
                 return peer
         raise KeyError(f"no peer named {name!r}")
 
-    def _queue_control(self, peer: Peer, kind: str, **body: Any) -> None:
+    # --- peers, listeners and the expose policy at runtime (host side) ------------------
+
+    def _make_peer(self, spec: PeerSpec) -> Peer:
+        peer = Peer(spec.name, spec.psk, Prefixes(spec.allowed_sources), Prefixes(spec.routes))
+        if spec.accessor:
+            if self.role is not Role.HOST:
+                raise ValueError(f"{spec.name!r}: accessors log in to the host side only")
+            networks = {*spec.allowed_sources, *spec.routes}
+            if len(networks) != 1 or next(iter(networks)).prefixlen != 32:
+                raise ValueError(f"{spec.name!r}: an accessor sends from and is sent exactly "
+                                 f"its one address (a /32), not {sorted(map(str, networks))}")
+            peer.accessor = True
+            peer.ip = int(next(iter(networks)).network_address)
+        if self.role is Role.HOST:
+            peer.state = "waiting"  # for its first handshake
+        return peer
+
+    def _check_new_peer(self, peer: Peer, others: Iterable[Peer]) -> None:
+        for other in others:
+            if other.name == peer.name:
+                raise ValueError(f"there is a peer named {peer.name!r} already")
+            if other.key_id == peer.key_id:
+                raise ValueError(f"{peer.name!r} has the same key as peer {other.name!r}")
+            if peer.accessor and other.accessor and other.ip == peer.ip:
+                raise ValueError(f"{peer.name!r}: accessor {other.name!r} has the address "
+                                 f"{IPv4Address(peer.ip)} already")
+
+    def _index_peers(self, peers: list[Peer]) -> None:
+        """Install a new peer list and every lookup made from it (each one store)."""
+        self._by_key_id = {p.key_id: p for p in peers}
+        self._accessors = {p.ip: p for p in peers if p.accessor}
+        self._plain = [p for p in peers if not p.accessor]
+        self.peers = peers
+        self._relaying = self.role is Role.HOST and bool(self._accessors)
+
+    def add_peer(self, spec: PeerSpec) -> None:
+        """Host side, thread-safe: accept handshakes with `spec`'s key from now on. The peer
+        starts "waiting". ValueError: the name, the key or an accessor's address is taken."""
+        if self.role is not Role.HOST:
+            raise ValueError("only the host side takes more peers")
+        peer = self._make_peer(spec)
+        peer.path_since = time.monotonic()
+
+        def add(_selector: selectors.BaseSelector | None) -> None:
+            with self._lock:
+                self._check_new_peer(peer, self.peers)
+                self._index_peers([*self.peers, peer])
+
+        self._on_pump(add)
+        self._events.put((peer.name, peer.state, "added"))
+
+    def remove_peer(self, name: str, reason: str) -> bool:
+        """Thread-safe: revoke a peer now. A connected one is told why (as by disconnect);
+        all its sessions are forgotten at once, so its next frame is an `unknown_session`
+        drop and its next handshake an `unknown_peer` one. True: it had a session.
+        KeyError: no such peer."""
+        if self.role is not Role.HOST:
+            raise ValueError("the VM side's one peer is the host; stop the engine instead")
+        peer = self._peer(name)
+        connected = peer.current is not None
+        self._send_close(peer, reason)
+
+        def remove(_selector: selectors.BaseSelector | None) -> None:
+            with self._lock:
+                if peer not in self.peers:
+                    raise KeyError(f"no peer named {name!r}")
+                for index, (_session, owner) in list(self._sessions.items()):
+                    if owner is peer:
+                        del self._sessions[index]
+                peer.current = peer.previous = peer.pending_response = None
+                peer.endpoint = None
+                peer.control.unacked.clear()
+                self._index_peers([p for p in self.peers if p is not peer])
+
+        self._on_pump(remove)
+        peer.state, peer.state_reason = "removed", reason
+        self._events.put((peer.name, "removed", reason))
+        return connected
+
+    def add_transport(self, transport: Transport) -> None:
+        """Host side, thread-safe: listen on one more transport (an accessor listener) from
+        now on, with the same offload and datagram settings as the others."""
+        if self.role is not Role.HOST:
+            raise ValueError("only the host side listens on more transports")
+        transport.use_offloads(self._offload)
+        transport.set_datagram_size(self.max_frame)
+
+        def add(selector: selectors.BaseSelector | None) -> None:
+            # Only ever changed here, on the pump thread (or before it runs).
+            if any(t is transport for t in self.transports):
+                raise ValueError(f"already listening on this {transport.name} transport")
+            path = len(self.transports)
+            if selector is not None:  # first: a transport it cannot wait on is not taken
+                selector.register(transport.fileno(), selectors.EVENT_READ, path)
+            self.transports = [*self.transports, transport]
+
+        self._on_pump(add)
+
+    def remove_transport(self, transport: Transport) -> None:
+        """Host side, thread-safe: stop listening on `transport` and close it. Peers last
+        heard over it lose their endpoint until they come back over another (they
+        reconnect). ValueError: not one of ours, or the last one left."""
+        if self.role is not Role.HOST:
+            raise ValueError("only the host side removes transports")
+
+        def remove(selector: selectors.BaseSelector | None) -> None:
+            paths = [i for i, t in enumerate(self.transports) if t is transport]
+            if not paths:
+                raise ValueError(f"not listening on this {transport.name} transport")
+            live = [t for t in self.transports if not isinstance(t, _Removed)]
+            if len(live) == 1:
+                raise ValueError("the engine needs at least one transport")
+            path = paths[0]
+            transports = list(self.transports)
+            transports[path] = _Removed()
+            self.transports = transports
+            with self._lock:
+                for peer in self.peers:
+                    if peer.path == path:
+                        peer.endpoint = None
+            if selector is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    selector.unregister(transport.fileno())
+            transport.close()
+
+        self._on_pump(remove)
+
+    def set_expose(self, routes: Iterable[IPv4Network], host_address: IPv4Address,
+                   pong: bool) -> None:
+        """Thread-safe: what accessors may reach (relayed to the VM), and whether the engine
+        answers their pings of `host_address`, the host's tunnel address. Swapped whole."""
+        networks = tuple(routes)
+        self._expose = _Expose(Prefixes(networks), networks, int(host_address), pong)
+
+    def _queue_control(self, peer: Peer, kind: str, /, **body: Any) -> None:
         with self._lock:
             seq = peer.control.next_seq
             peer.control.next_seq += 1
@@ -580,8 +970,14 @@ class Engine:
         # Acknowledge every copy (our ack may have been lost), act on each seq once.
         self._send(peer, session, FrameType.CONTROL,
                    messages.encode("ack", message.seq, epoch=self.epoch), now)
+        restarted = peer.control.remote_epoch not in (-1, message.epoch)
         if not peer.control.first_time(message.epoch, message.seq):
             return
+        if restarted and peer.state == "up" and peer.up_at < session.created:
+            # It restarted within dead_after, so it never looked down and no "up" was
+            # announced; its new run knows nothing of what we told the old one (routes...).
+            peer.up_at = time.monotonic()
+            self._events.put((peer.name, "up", "peer restarted"))
         if message.kind == "close_reason":
             peer.close_reason = message.body["reason"]
         elif message.kind == "hello":
@@ -810,6 +1206,8 @@ class Engine:
             return
         peer.state = state
         peer.state_reason = reason
+        if state == "up":
+            peer.up_at = time.monotonic()
         self._events.put((peer.name, state, reason))
 
     def _drain_events(self) -> None:
@@ -834,23 +1232,29 @@ class Engine:
         now = time.monotonic()
         drops = Counter(self.drops_in)
         drops.update(self.drops_out)
+        live = [t for t in self.transports if not isinstance(t, _Removed)]
+        expose = self._expose
         return {
             "role": self.role.value,
             "name": self.name,
             "version": self.version,
             "interface": self.interface.name,
-            "transport": "+".join(t.name for t in self.transports),
+            "transport": "+".join(t.name for t in live),
             "transports": [
                 {"name": t.name, "local_endpoint": list(t.local_endpoint), "stats": t.stats()}
-                for t in self.transports
+                for t in live
             ],
-            "local_endpoint": list(self.transports[0].local_endpoint),
+            "local_endpoint": list(live[0].local_endpoint),
             "offload": {"available": self.interface.vnet,
                         "on": bool(getattr(self.interface, "offload", False))},
             "uptime": round(now - self.started, 3),
             "drops": dict(drops),
             "peers": [self._peer_snapshot(p, now) for p in self.peers],
             "events": list(self.recent_events),
+            "relay": {"exposed": [str(n) for n in expose.networks], "pong": expose.pong},
+            "logins": {"failed": self.logins_failed,
+                       "rate_limited": self.drops_in[Drop.LOGIN_RATE_LIMITED],
+                       "addresses_limited": self._failed_logins.limited(now)},
         }
 
     def _peer_snapshot(self, peer: Peer, now: float) -> dict[str, Any]:
@@ -858,6 +1262,8 @@ class Engine:
         age = peer.handshake_age(now)
         return {
             "name": peer.name,
+            "accessor": peer.accessor,
+            "ip": str(IPv4Address(peer.ip)) if peer.accessor else None,
             "state": peer.state,
             "reason": peer.state_reason,
             "endpoint": list(peer.endpoint) if peer.endpoint else None,

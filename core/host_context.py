@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pluggy
+
 from . import control
 from .config import HostConfig
 from .contracts import PlatformAdapter
@@ -35,6 +37,7 @@ class HostContext:
     engine: Engine
     routes: HostRoutes
     resources: contextlib.ExitStack  # closed in reverse order when the daemon stops
+    pm: pluggy.PluginManager | None = None  # for features that open transports (expose)
     handlers: dict[str, control.Handler] = field(default_factory=dict)
     on_peer_up: list[PeerUp] = field(default_factory=list)
     on_control: list[ControlSink] = field(default_factory=list)

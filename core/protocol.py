@@ -71,6 +71,8 @@ class Drop(enum.StrEnum):
     NO_PEER = "no_peer"
     NO_SESSION = "no_session"
     GSO_UNSUPPORTED = "gso_unsupported"
+    NOT_EXPOSED = "not_exposed"  # relay: an accessor's packet outside the exposed routes
+    LOGIN_RATE_LIMITED = "login_rate_limited"  # INIT from an address out of failed logins
 
 
 class Dropped(Exception):

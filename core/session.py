@@ -107,6 +107,7 @@ class Peer:
     unanswered: int = 0  # initiator: handshakes sent since the last answer
     state: str = "connecting"
     state_reason: str = ""
+    up_at: float = 0.0  # monotonic time of the last "up" announced (restart detection)
     rtt: float | None = None
     remote_name: str = ""
     remote_version: str = ""
@@ -118,6 +119,10 @@ class Peer:
     counters: Counters = field(default_factory=Counters)
     control: ControlState = field(default_factory=ControlState)
     key_id: bytes = b""
+    # Host side: a LAN machine logged in with `ctun access`; `ip` is its one tunnel address
+    # (its allowed sources and routes), and its packets are relayed, never written locally.
+    accessor: bool = False
+    ip: int = -1
 
     def __post_init__(self) -> None:
         self.key_id = key_id(self.psk)

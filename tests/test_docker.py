@@ -134,7 +134,7 @@ def test_containers_on_every_network_are_reachable_without_a_route_by_hand(
         view = status(lab)["agent_view"]
         assert view["bridges"]["172.17.0.0/16"] == "docker0"
         assert view["bridges"]["10.210.1.0/24"] == f"br-{one.id[:12]}"
-        assert view["firewall"] == {"backend": "iptables-nft", "rules": 6, "error": ""}
+        assert view["firewall"] == {"backend": "iptables-nft", "rules": 9, "error": ""}
     finally:
         running.down()
 

@@ -1081,7 +1081,57 @@ def ref_valid_control(obj: Any) -> bool:
         return ref_valid_routes(obj)
     if kind == "agent_status":
         return ref_valid_agent_status(obj)
+    if kind == "switch_transport":
+        return short(obj.get("to"), 32)
+    if kind == "access_config":
+        return ref_valid_access_config(obj)
+    if kind == "links":
+        pairs = obj.get("pairs")
+        return isinstance(pairs, list) and len(pairs) <= 16 and all(
+            isinstance(p, list) and len(p) == 2 and all(_is_ipv4_network(n) for n in p)
+            for p in pairs)
+    if kind == "hosts":
+        return ref_valid_hosts(obj)
+    return kind == "ack"
+
+
+def _is_ipv4_address(text: Any) -> bool:
+    if not isinstance(text, str) or len(text) > 15:
+        return False
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
     return True
+
+
+def ref_valid_access_config(obj: dict[str, Any]) -> bool:
+    addr, mtu, routes = obj.get("addr"), obj.get("mtu"), obj.get("routes")
+    try:
+        ipaddress.IPv4Interface(addr if isinstance(addr, str) and len(addr) <= 18 else "x")
+    except ValueError:
+        return False
+    return (_is_ipv4_address(obj.get("peer")) and type(mtu) is int and 576 <= mtu <= 9000
+            and isinstance(routes, list) and len(routes) <= 40
+            and all(_is_ipv4_network(r) for r in routes))
+
+
+def ref_valid_hosts(obj: dict[str, Any]) -> bool:
+    gen, part, parts = obj.get("gen"), obj.get("part"), obj.get("parts")
+    suffixes, entries = obj.get("suffixes"), obj.get("entries")
+    if type(gen) is not int or type(part) is not int or type(parts) is not int:
+        return False
+    if not (0 < gen < 2**53 and 0 < parts <= 64 and 0 <= part < parts):
+        return False
+
+    def short(value: Any, limit: int) -> bool:
+        return isinstance(value, str) and 0 < len(value) <= limit and value.isprintable()
+
+    return (isinstance(suffixes, list) and len(suffixes) <= 8
+            and all(short(x, 40) for x in suffixes)
+            and isinstance(entries, list) and len(entries) <= 8
+            and all(isinstance(e, list) and len(e) == 2 and short(e[0], 64)
+                    and _is_ipv4_address(e[1]) for e in entries))
 
 
 def _is_ipv4_network(text: Any) -> bool:

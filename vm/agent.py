@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pluggy
@@ -15,6 +15,7 @@ from ..core import runtime
 from ..core.config import AgentConfig
 from ..core.engine import Engine, PeerSpec, Role
 from ..core.messages import ControlMessage
+from . import dns, links
 from .agent_context import AgentContext, Feature
 from .firewall import Firewall, FirewallError
 from .forwarding import Forwarding
@@ -23,7 +24,10 @@ log = logging.getLogger("ctun.vm")
 
 HOST_PEER = "host"
 # VM-side features, set up in this order once the tunnel is built (see agent_context).
-FEATURES: list[Feature] = []
+FEATURES: list[Feature] = [
+    links.setup,  # subnet links (`iptables A+B`)
+    dns.setup,  # the DNS responder for the host's hosts-file entries (`hosts`)
+]
 
 
 def resolve(host: str, port: int, stop: threading.Event) -> str | None:
@@ -41,6 +45,11 @@ def resolve(host: str, port: int, stop: threading.Event) -> str | None:
 
 
 def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> None:
+    if cfg.wire == "legacy":  # docker-connector's unauthenticated format (docs/legacy.md)
+        from .legacy_agent import run as run_legacy
+
+        run_legacy(cfg, pm, stop)
+        return
     transport_classes = runtime.transport_classes(pm, cfg.transport)
     with runtime.platform(pm, cfg.tunnel.interface) as (adapter, resources):
         address = resolve(cfg.host, cfg.port, stop)
@@ -73,7 +82,7 @@ def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> No
         def report(summary: dict[str, Any]) -> None:
             engine.send_control(HOST_PEER, "agent_status", **summary)
 
-        firewall = _firewall(cfg.tunnel.interface)
+        firewall = _firewall(cfg.tunnel.interface, cfg.tunnel.host_address)
         forwarding = Forwarding(adapter, firewall, report)
         engine = Engine(
             Role.VM, interface, transports, [host], cfg.tunnel.mtu, runtime.engine_timers(cfg),
@@ -95,10 +104,10 @@ def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> No
         runtime.serve(engine, cfg.tunnel.interface, stop, extra)
 
 
-def _firewall(tun: str) -> Firewall | None:
+def _firewall(tun: str, host_address: IPv4Address) -> Firewall | None:
     """The VM's firewall manager, or None (with a warning) where there is no iptables."""
     try:
-        return Firewall(tun)
+        return Firewall(tun, host_address=host_address)
     except FirewallError as exc:
         log.warning("not managing the VM's firewall: %s", exc)
         return None

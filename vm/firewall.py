@@ -11,6 +11,14 @@ forwarded traffic needs ACCEPT rules of its own, *above* all of those, for each 
                                                    connections into the tunnel)
     raw PREROUTING:                   -i TUN -d SUBNET -j ACCEPT
 
+Given the host's tunnel address, containers may also open connections to it (the host's
+proxy listeners and services live there): `-i BRIDGE -o TUN -s SUBNET -d HOST/32 -j ACCEPT`.
+
+Subnet links (`iptables A+B`) let two bridges talk, both ways, past Docker's isolation chains:
+
+    filter DOCKER-USER (or FORWARD):  -i BRA -o BRB -s A -d B -j ACCEPT   and the reverse
+    raw PREROUTING:                   -i BRA -s A -d B -j ACCEPT          and the reverse
+
 Every rule carries the comment `ctun:TUN`, so this module finds exactly its own rules again,
 including those of a run that crashed. Rules are always inserted at position 1, never appended,
 and `ensure()` moves them back up when Docker (restarting, starting a container) or a user puts
@@ -29,7 +37,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, ip_network
 
 log = logging.getLogger("ctun.vm.firewall")
 
@@ -90,6 +98,20 @@ class Rule:
 
     def line(self) -> str:
         return f"-t {self.table} -A {self.chain} {shlex.join(self.spec)}"
+
+
+@dataclass(frozen=True)
+class BridgeLink:
+    """A linked pair as the agent resolved it: the bridge serving each side and the subnet
+    to match there (None: the whole bridge, when its subnet is not known)."""
+
+    bridge_a: str
+    subnet_a: IPv4Network | None
+    bridge_b: str
+    subnet_b: IPv4Network | None
+
+    def sort_key(self) -> tuple[str, str, str, str]:
+        return (self.bridge_a, str(self.subnet_a), self.bridge_b, str(self.subnet_b))
 
 
 @dataclass(frozen=True)
@@ -189,6 +211,10 @@ def rule_key(tokens: Sequence[str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(pairs))
 
 
+def _address(option: str, network: IPv4Network | None) -> tuple[str, ...]:
+    return () if network is None else (option, str(network))
+
+
 def _check_name(kind: str, name: str) -> None:
     # Interface names go onto command lines and into the tag; refuse anything iptables would not
     # accept as an interface rather than produce a rule that matches something else.
@@ -208,15 +234,21 @@ class Firewall:
         runner: Runner | None = None,
         binary: str | None = None,
         legacy_loaded: Callable[[], bool] | None = None,
+        host_address: IPv4Address | None = None,
     ) -> None:
         _check_name("tun", tun)
         self.tun = tun
+        # The host's tunnel address: containers may open connections to it (None: replies only).
+        self.host_address = host_address
         self.tag = f"{TAG_PREFIX}{tun}"
         self._runner: Runner = runner or run_command
         self._binary = binary
         self._legacy_loaded = legacy_loaded or legacy_tables_loaded
         self._lock = threading.RLock()
         self._links: dict[IPv4Network, str] = {}
+        self._bridge_links: tuple[BridgeLink, ...] = ()
+        # False from the start of a sync until it finished: a failed one is done again.
+        self._in_sync = True
         # What ensure() maintains.
         self._desired: list[Rule] = []
         # Rules that may be in the tables because of us (added, or found already there with our
@@ -282,17 +314,40 @@ class Firewall:
                 raise TypeError(f"subnet {subnet!r} is not an IPv4Network")
             _check_name("bridge", bridge)
         with self._lock:
-            listings = {FILTER: self._list(FILTER), RAW: self._list(RAW)}
-            chain = self._filter_chain(listings[FILTER])
-            wanted = [r for r in self._rules_for(new_links, chain)
-                      if self._guarded(listings[r.table], r.chain)]
             self._links = new_links
-            self._desired = wanted
-            self._own(wanted)
-            for rule in wanted:
-                if not self._check(rule):
-                    self._insert(rule)
-            self._remove_unwanted()
+            self._sync()
+
+    def link_bridges(self, links: Iterable[BridgeLink]) -> bool:
+        """Make the subnet-link rules match `links` (the full set); the routed subnets' rules
+        stay. True if it synced the tables, False if nothing had changed."""
+        new_links = tuple(sorted(set(links), key=BridgeLink.sort_key))
+        for link in new_links:
+            _check_name("bridge", link.bridge_a)
+            _check_name("bridge", link.bridge_b)
+        with self._lock:
+            if new_links == self._bridge_links and self._in_sync:
+                return False
+            self._bridge_links = new_links
+            self._sync()
+            return True
+
+    def routed(self) -> dict[IPv4Network, str]:
+        """The routed subnets and their bridges, as the last apply() gave them."""
+        with self._lock:
+            return dict(self._links)
+
+    def _sync(self) -> None:
+        self._in_sync = False
+        listings = {FILTER: self._list(FILTER), RAW: self._list(RAW)}
+        chain = self._filter_chain(listings[FILTER])
+        wanted = [r for r in self._rules_for(chain) if self._guarded(listings[r.table], r.chain)]
+        self._desired = wanted
+        self._own(wanted)
+        for rule in wanted:
+            if not self._check(rule):
+                self._insert(rule)
+        self._remove_unwanted()
+        self._in_sync = True
 
     def ensure(self) -> bool:
         """Re-check that every desired rule exists and sits above any DROP/REJECT (or jump to a
@@ -308,7 +363,7 @@ class Firewall:
                 # Docker created DOCKER-USER after apply() (or it went away): move our filter
                 # rules there, or they would sit behind Docker's own FORWARD rules.
                 log.info("moving the firewall rules to filter %s", chain)
-                self._desired = self._rules_for(self._links, chain)
+                self._desired = self._rules_for(chain)
                 self._own(self._desired)
                 changed = self._remove_unwanted()
                 filter_listing = self._list(FILTER)
@@ -352,6 +407,7 @@ class Firewall:
             self._owned = []
             self._desired = []
             self._links = {}
+            self._bridge_links = ()
             if first_error is not None:
                 raise first_error
 
@@ -369,10 +425,11 @@ class Firewall:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _rules_for(self, links: Mapping[IPv4Network, str], chain: str) -> list[Rule]:
+    def _rules_for(self, chain: str) -> list[Rule]:
+        """Every rule the current state asks for, in order, each once."""
         tag = ("-m", "comment", "--comment", self.tag)
         rules = []
-        for subnet, bridge in sorted(links.items()):
+        for subnet, bridge in sorted(self._links.items()):
             net = str(subnet)
             rules += [
                 Rule(FILTER, chain, ("-i", self.tun, "-o", bridge, "-d", net, *tag,
@@ -380,9 +437,25 @@ class Firewall:
                 Rule(FILTER, chain, ("-i", bridge, "-o", self.tun, "-s", net,
                                      "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED",
                                      *tag, "-j", "ACCEPT")),
-                Rule(RAW, PREROUTING, ("-i", self.tun, "-d", net, *tag, "-j", "ACCEPT")),
             ]
-        return rules
+            if self.host_address is not None:
+                rules.append(Rule(FILTER, chain, ("-i", bridge, "-o", self.tun, "-s", net,
+                                                  "-d", f"{self.host_address}/32", *tag,
+                                                  "-j", "ACCEPT")))
+            rules.append(Rule(RAW, PREROUTING, ("-i", self.tun, "-d", net, *tag, "-j", "ACCEPT")))
+        for link in self._bridge_links:
+            sides = ((link.bridge_a, link.subnet_a), (link.bridge_b, link.subnet_b))
+            for (in_bridge, source), (out_bridge, dest) in (sides, sides[::-1]):
+                match = (*_address("-s", source), *_address("-d", dest))
+                rules.append(Rule(FILTER, chain, ("-i", in_bridge, "-o", out_bridge, *match,
+                                                  *tag, "-j", "ACCEPT")))
+                # Docker 28's raw DROP of `-d CONTAINER ! -i ITS_BRIDGE` stops linked traffic
+                # too. Only with a known destination: a raw ACCEPT of all a bridge sends would
+                # skip that filter for every other network as well.
+                if dest is not None:
+                    rules.append(Rule(RAW, PREROUTING, ("-i", in_bridge, *match, *tag,
+                                                        "-j", "ACCEPT")))
+        return list(dict.fromkeys(rules))
 
     def _guarded(self, listing: Listing, chain: str) -> bool:
         """Could this chain stop tunnel traffic? Only then do we add a rule to it; a chain

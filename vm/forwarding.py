@@ -32,6 +32,7 @@ class Forwarding:
         self._report = report
         self._reported: dict[str, Any] | None = None
         self._generation = 0
+        self._epoch = 0  # the host run the generations belong to
         self._parts: dict[int, list[str]] = {}
         self._parts_gen = 0
         self.subnets: tuple[IPv4Network, ...] = ()
@@ -63,6 +64,9 @@ class Forwarding:
         if message.kind != "routes":
             return
         gen, part, parts = message.body["gen"], message.body["part"], message.body["parts"]
+        if message.epoch != self._epoch:
+            # A restarted host numbers its snapshots from 1 again: its first one is news.
+            self._epoch, self._generation, self._parts_gen, self._parts = message.epoch, 0, 0, {}
         if gen <= self._generation or gen < self._parts_gen:
             return  # older than what we have: a late retransmit
         if gen > self._parts_gen:

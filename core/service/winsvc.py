@@ -245,16 +245,17 @@ class Service:
     def _daemon(self, args: list[str]) -> int:
         """What `ctun up --no-ui` does with args; the service-specific exit code (0: none)."""
         from ... import cli
-        from ...core import config, daemon, plugins, runtime
+        from ...core import config, daemon, logs, plugins, runtime
 
         config_errors = (config.ConfigError, cli.UserError, plugins.PluginError)
         try:
             # The same parser and overrides as `ctun up`, so the service takes exactly its
             # flags; _CheckingParser raises UserError instead of exiting the process.
             parsed = cli.build_parser(cli._CheckingParser).parse_args(["up", *args])
-            logging.getLogger().setLevel(parsed.log_level)
+            logs.use_flag_level(parsed.log_level)
             cfg = config.load_host_config(parsed.config, cli._overrides(
                 parsed, (*cli._COMMON, "listen", *cli._DOCKER_FLAGS)))
+            logs.apply_config_level(cfg.loglevel)
             pm = plugins.create_manager()
             runtime.transport_classes(pm, cfg.transport)
         except config_errors as exc:

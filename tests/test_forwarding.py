@@ -1,0 +1,50 @@
+"""The agent's route snapshots from the host (vm/forwarding.py): newest wins, in parts,
+and a restarted host's snapshots (numbered from 1 again) are taken, not ignored as old."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network
+from typing import Any
+
+from ctun.core.messages import ControlMessage
+from ctun.vm.forwarding import Forwarding
+
+
+class NoBridges:
+    """The adapter calls Forwarding makes only from its own thread, never started here."""
+
+    def interface_for(self, _network: IPv4Network) -> str | None:
+        return None
+
+
+def routes(epoch: int, gen: int, nets: list[str], part: int = 0, parts: int = 1
+           ) -> ControlMessage:
+    body: dict[str, Any] = {"gen": gen, "part": part, "parts": parts, "routes": nets}
+    return ControlMessage("routes", seq=gen, body=body, epoch=epoch)
+
+
+def subnets(forwarding: Forwarding) -> list[str]:
+    return [str(s) for s in forwarding.subnets]
+
+
+def test_newest_snapshot_wins_and_late_ones_are_ignored() -> None:
+    forwarding = Forwarding(NoBridges(), None)  # type: ignore[arg-type]
+    forwarding.on_control("host", routes(7, 2, ["10.1.0.0/16"]))
+    forwarding.on_control("host", routes(7, 1, ["10.9.0.0/16"]))  # a late retransmit
+    assert subnets(forwarding) == ["10.1.0.0/16"]
+
+
+def test_a_snapshot_in_parts_applies_when_complete() -> None:
+    forwarding = Forwarding(NoBridges(), None)  # type: ignore[arg-type]
+    forwarding.on_control("host", routes(7, 1, ["10.1.0.0/16"], part=0, parts=2))
+    assert subnets(forwarding) == []
+    forwarding.on_control("host", routes(7, 1, ["10.2.0.0/16"], part=1, parts=2))
+    assert subnets(forwarding) == ["10.1.0.0/16", "10.2.0.0/16"]
+
+
+def test_a_restarted_host_starts_over_at_generation_one() -> None:
+    forwarding = Forwarding(NoBridges(), None)  # type: ignore[arg-type]
+    for gen in range(1, 6):
+        forwarding.on_control("host", routes(7, gen, [f"10.{gen}.0.0/16"]))
+    forwarding.on_control("host", routes(8, 1, ["172.30.0.0/16"]))
+    assert subnets(forwarding) == ["172.30.0.0/16"]
