@@ -502,7 +502,29 @@ def format_status(status: dict[str, Any]) -> str:
     for problem in status.get("route_problems", []):
         lines.append(f"warning: {problem}")
     lines += format_access(status.get("access"))
+    lines += format_extras(status)
     return "\n".join(lines)
+
+
+def format_extras(status: dict[str, Any]) -> list[str]:
+    """docker-connector's extras, where configured: subnet links, hosts names, proxies."""
+    lines = []
+    if status.get("links"):
+        lines.append("links: " + ", ".join(f"{a}+{b}" for a, b in status["links"]))
+    if status.get("links_problem"):
+        lines.append(f"warning: {status['links_problem']}")
+    hosts = status.get("hosts")
+    if isinstance(hosts, dict) and (hosts.get("files") or hosts.get("problems")):
+        lines.append(f"hosts: {len(hosts.get('names', []))} names for "
+                     f"{', '.join(hosts.get('suffixes', [])) or 'marked lines'} "
+                     f"from {', '.join(hosts.get('files', []))}")
+        lines += [f"warning: hosts: {p}" for p in hosts.get("problems", [])]
+    proxy = status.get("proxy")
+    for entry in proxy.get("proxies", []) if isinstance(proxy, dict) else []:
+        error = f" ({entry['error']})" if entry.get("error") else ""
+        lines.append(f"proxy: {entry['listen']} -> {entry['target']} {entry['protocol']}, "
+                     f"{entry['state']}{error}, {entry['active']} open")
+    return lines
 
 
 def format_access(part: Any) -> list[str]:

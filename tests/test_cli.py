@@ -121,3 +121,19 @@ def test_status_formats_a_snapshot() -> None:
     assert "agent firewall: error: iptables is not installed" in broken
     assert "10.9.0.0/24" in with_docker and "docker:kafka" in with_docker
     assert "overlaps the host route 10.0.0.0/8" in with_docker
+    extras = format_status({
+        "role": "host", "version": "0.1.0", "interface": "ctun0", "transport": "udp",
+        "local_endpoint": ["127.0.0.1", 2511], "uptime": 1.0, "drops": {}, "peers": [],
+        "links": [["172.18.0.0/16", "172.19.0.0/16"]],
+        "hosts": {"files": ["/etc/hosts"], "suffixes": [".dev.local"],
+                  "names": [["api.dev.local", "192.168.251.2"]],
+                  "problems": ["/etc/hosts:7: not an address: 300.1.1.1"]},
+        "proxy": {"proxies": [{"listen": "192.168.251.2:5432", "target": "127.0.0.1:5432",
+                               "protocol": "tcp", "state": "failed",
+                               "error": "port in use", "active": 0}]},
+    })
+    assert "links: 172.18.0.0/16+172.19.0.0/16" in extras
+    assert "hosts: 1 names for .dev.local from /etc/hosts" in extras
+    assert "warning: hosts: /etc/hosts:7: not an address: 300.1.1.1" in extras
+    assert "proxy: 192.168.251.2:5432 -> 127.0.0.1:5432 tcp, failed (port in use), 0 open" \
+        in extras

@@ -927,3 +927,51 @@ def test_the_default_run_dir_is_under_var_run(monkeypatch: pytest.MonkeyPatch) -
     from ctun.plugins.platform_macos import adapter as module
 
     assert module.default_run_dir() == Path("/var/run/ctun")
+
+
+# -- ctun access through this adapter ------------------------------------------------------
+
+
+class _EngineFilter:
+    """What `Access` asks of the engine: only its filter of what the tunnel may deliver."""
+
+    def __init__(self) -> None:
+        self.networks: list[tuple[str, list[IPv4Network], list[IPv4Network]]] = []
+
+    def set_peer_networks(self, peer: str, allowed: Any, routes: Any) -> None:
+        self.networks.append((peer, list(allowed), list(routes)))
+
+
+def test_ctun_access_applies_the_hosts_settings_with_these_commands(
+    adapter: MacOSAdapter, mac: FakeMac
+) -> None:
+    from ctun.core.access import Access
+
+    adapter.open_interface("ctunacc0", 1400)
+    engine = _EngineFilter()
+    access = Access(adapter, engine, "192.0.2.10")  # type: ignore[arg-type]
+    mac.calls.clear()
+    access.apply({"addr": "192.168.251.10/24", "peer": "192.168.251.2", "mtu": 1400,
+                  "routes": ["172.18.0.0/16", "172.19.0.0/16"]})
+    assert mac.calls == [
+        "ifconfig utun5 inet 192.168.251.10 192.168.251.2 netmask 255.255.255.255 up",
+        "ifconfig utun5 mtu 1400",
+        "route -n add -net 172.18.0.0/16 192.168.251.2",
+        "route -n get 172.18.0.0/16",
+        "route -n add -net 172.19.0.0/16 192.168.251.2",
+        "route -n get 172.19.0.0/16",
+    ]
+    # The tunnel may deliver only from the exposed routes and the host's tunnel address.
+    assert engine.networks[-1] == ("host", [IPv4Network("172.18.0.0/16"),
+                                            IPv4Network("172.19.0.0/16"),
+                                            IPv4Network("192.168.251.2/32")],
+                                   [IPv4Network("0.0.0.0/0")])
+    # A new config from the host (after its reload): only the difference is applied.
+    mac.calls.clear()
+    access.apply({"addr": "192.168.251.10/24", "peer": "192.168.251.2", "mtu": 1280,
+                  "routes": ["172.18.0.0/16"]})
+    assert mac.calls == [
+        "ifconfig utun5 mtu 1280",
+        "netstat -rn -f inet",
+        "route -n delete -net 172.19.0.0/16",
+    ]

@@ -1303,3 +1303,54 @@ def test_the_run_directory_defaults_to_programdata(monkeypatch: pytest.MonkeyPat
     assert default_run_dir() == Path("D:\\ProgramData") / "ctun"
     monkeypatch.setenv("CTUN_RUN_DIR", "/tmp/elsewhere")
     assert default_run_dir() == Path("/tmp/elsewhere")
+
+
+# -- ctun access through this adapter ------------------------------------------------------
+
+
+class _EngineFilter:
+    """What `Access` asks of the engine: only its filter of what the tunnel may deliver."""
+
+    def set_peer_networks(self, peer: str, allowed: Any, routes: Any) -> None:
+        self.last = (peer, list(allowed), list(routes))
+
+
+def test_ctun_access_applies_the_hosts_settings_with_these_commands(
+    win: FakeWindows, new_adapter: Any
+) -> None:
+    from ctun.core.access import Access
+
+    a = new_adapter()
+    a.cleanup_leftovers(IFNAME)
+    a.open_interface(IFNAME, 1400)
+    access = Access(a, _EngineFilter(), "192.0.2.10")  # type: ignore[arg-type]
+    del win.log[:]
+    access.apply({"addr": "192.168.251.10/24", "peer": "192.168.251.2", "mtu": 1400,
+                  "routes": ["172.18.0.0/16", "172.19.0.0/16"]})
+    subnet = "255.255.255.240"  # the smallest network holding both ends: 192.168.251.0/28
+    assert win.log == [
+        # TAP_WIN_IOCTL_CONFIG_TUN: local, network, mask; then the cable is connected.
+        IO(0x00220028, bytes([192, 168, 251, 10, 192, 168, 251, 0, 255, 255, 255, 240]), 12),
+        IO(0x00220018, (1).to_bytes(4, "little"), 4),
+        R("netsh", "interface", "ip", "set", "address", IFNAME, "static", "192.168.251.10",
+          subnet),
+        R("netsh", "interface", "ip", "show", "addresses", IFNAME),
+        R("netsh", "interface", "ipv4", "set", "subinterface", IFNAME, "mtu=1400",
+          "store=persistent"),
+        R("netsh", "interface", "ip", "delete", "dns", IFNAME, "all"),
+        R("netsh", "interface", "ip", "delete", "wins", IFNAME, "all"),
+        R("netsh", "interface", "ipv4", "set", "subinterface", IFNAME, "mtu=1400",
+          "store=persistent"),
+        R("route", "add", "172.18.0.0", "mask", "255.255.0.0", "192.168.251.2"),
+        R("route", "add", "172.19.0.0", "mask", "255.255.0.0", "192.168.251.2"),
+    ]
+    # A new config from the host (after its reload): only the difference is applied.
+    del win.log[:]
+    access.apply({"addr": "192.168.251.10/24", "peer": "192.168.251.2", "mtu": 1280,
+                  "routes": ["172.18.0.0/16"]})
+    assert win.log == [
+        R("netsh", "interface", "ipv4", "set", "subinterface", IFNAME, "mtu=1280",
+          "store=persistent"),
+        R("route", "delete", "172.19.0.0", "mask", "255.255.0.0", "192.168.251.2"),
+    ]
+    a.close()
