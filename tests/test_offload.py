@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from ctun.lab import netns
@@ -101,7 +102,16 @@ def test_bulk_data_arrives_intact_both_ways(tunnel: tuple[Tunnel, bool]) -> None
     lab = tun.lab
     upload(lab)
     download(lab)
-    host, vm = status(lab, HOST_IF), status(lab, VM_IF)
+
+    def settled() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Both sides' counters once nothing is in flight: the transfer's last segments
+        (its FIN, a delayed ACK) may still be crossing when the client has its bytes."""
+        host, vm = status(lab, HOST_IF), status(lab, VM_IF)
+        (h,), (v,) = host["peers"], vm["peers"]
+        in_flight = h["tx_super"] != v["rx_super"] or v["tx_super"] != h["rx_super"]
+        return None if in_flight else (host, vm)
+
+    host, vm = lab.wait_until(settled, 5, what="the counters of both sides to agree")
     if os.environ.get("CTUN_LAB_OFFLOAD") == "off":
         offload = False  # the lab added --no-offload to every tunnel
     for side, other in ((host, vm), (vm, host)):
