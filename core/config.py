@@ -31,7 +31,7 @@ from typing import Any, Literal
 from . import legacy_config
 from .contracts import Endpoint
 from .docker_policy import DEFAULT_AGENT_BASE, DockerConfig, Selector
-from .keys import ConfigError, decode_key, encode_key, load_or_create_key, read_key
+from .keys import ConfigError, decode_key, encode_key, load_or_create_key, os_reason, read_key
 from .legacy_config import SourceLine, line_error, quote
 from .messages import MAX_LINKS, MAX_SUFFIX, MAX_SUFFIXES, ROUTES_PER_PART
 
@@ -535,7 +535,7 @@ def _read_file(path: str | os.PathLike[str] | None) -> _File:
             mode = os.fstat(f.fileno()).st_mode
             data = f.read()
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        raise ConfigError(f"{name}: cannot read config file: {_reason(exc)}") from None
+        raise ConfigError(f"{name}: cannot read config file: {os_reason(exc)}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -606,7 +606,7 @@ def _cidr(value: _Value) -> IPv4Interface:
     try:
         return IPv4Interface(text)
     except ValueError as exc:  # an octet over 255, a prefix over 32
-        raise value.error(f"{_reason(exc)}; write it like {DEFAULT_ADDR}") from None
+        raise value.error(f"{os_reason(exc)}; write it like {DEFAULT_ADDR}") from None
 
 
 def _network(value: _Value, example: str) -> IPv4Network:
@@ -617,7 +617,7 @@ def _network(value: _Value, example: str) -> IPv4Network:
     try:
         net = IPv4Network(text, strict=False)
     except ValueError as exc:
-        raise value.error(f"{_reason(exc)}; write it like {example}") from None
+        raise value.error(f"{os_reason(exc)}; write it like {example}") from None
     if str(net.network_address) != text.split("/")[0]:
         raise value.error(f"has host bits set; use {net}")
     return net
@@ -969,7 +969,7 @@ def _link_side(item: _Value, text: str, tunnel: TunnelConfig) -> IPv4Network:
     try:
         net = IPv4Network(text.strip(), strict=False)
     except ValueError as exc:
-        raise item.error(f"{_reason(exc)}; write it like {_LINK_EXAMPLE}") from None
+        raise item.error(f"{os_reason(exc)}; write it like {_LINK_EXAMPLE}") from None
     if match.group(2) is not None and net.network_address != IPv4Address(match.group(1)):
         raise item.error(f"{text} has host bits set; use {net}")
     if net.prefixlen == 0:
@@ -1262,12 +1262,6 @@ def _show_scalar(raw: object) -> str:
 
 def _toml_key(name: str) -> str:
     return legacy_config.toml_key(name)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc)
 
 
 # What a reload can apply to a running daemon; anything else takes a restart.

@@ -50,12 +50,7 @@ def run(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event) -> Non
         return
     transport_classes = runtime.transport_classes(pm, cfg.transport)
     with runtime.platform(pm, cfg.tunnel.interface) as (adapter, resources):
-        conflict = adapter.conflicting_route(cfg.tunnel.network)
-        if conflict is not None:
-            raise PlatformError(
-                f"the tunnel network {cfg.tunnel.network} overlaps the host route {conflict}; "
-                "choose another `addr`"
-            )
+        runtime.check_tunnel_network(adapter, cfg.tunnel.network)
         transports = []
         for transport_cls in transport_classes:
             try:

@@ -55,6 +55,7 @@ from .protocol import (
     verify_init,
 )
 from .session import Peer, Session
+from .threads import start_guarded
 
 log = logging.getLogger("ctun.engine")
 
@@ -289,20 +290,11 @@ class Engine:
         for peer in self.peers:
             peer.path_since = now
         for target, name in ((self._pump, "ctun-pump"), (self._timer_loop, "ctun-timer")):
-            thread = threading.Thread(target=self._guard(target), name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self._threads.append(start_guarded(target, name, self._crashed))
 
-    def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                target()
-            except Exception:
-                log.exception("engine thread %s failed; stopping", threading.current_thread().name)
-                self._stop.set()
-                self._wake()
-
-        return run
+    def _crashed(self) -> None:
+        self._stop.set()
+        self._wake()
 
     @property
     def stopped(self) -> bool:

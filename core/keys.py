@@ -107,7 +107,7 @@ def _read_key(path: Path, fix: str) -> bytes | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte
-        raise ConfigError(f"{path}: cannot open key file: {_reason(exc)}") from None
+        raise ConfigError(f"{path}: cannot open key file: {os_reason(exc)}") from None
     try:
         # fstat the descriptor we read, not the path, so a swap in between cannot fool us.
         st = os.fstat(fd)
@@ -116,7 +116,7 @@ def _read_key(path: Path, fix: str) -> bytes | None:
         _check_private(path, st.st_mode)
         data = os.read(fd, _READ_LIMIT)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read key file: {_reason(exc)}") from None
+        raise ConfigError(f"{path}: cannot read key file: {os_reason(exc)}") from None
     finally:
         os.close(fd)
     try:
@@ -156,7 +156,7 @@ def _make_private_dirs(directory: Path) -> None:
         except FileExistsError:
             continue  # made concurrently, or not a directory: the write below will tell
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{d}: cannot create key directory: {_reason(exc)}") from None
+            raise ConfigError(f"{d}: cannot create key directory: {os_reason(exc)}") from None
 
 
 def _create_exclusive(path: Path, data: bytes) -> bool:
@@ -181,7 +181,7 @@ def _create_exclusive(path: Path, data: bytes) -> bool:
                 return False
         return True
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot create key file: {_reason(exc)}") from None
+        raise ConfigError(f"{path}: cannot create key file: {os_reason(exc)}") from None
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -199,7 +199,9 @@ def _write_new(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _reason(exc: BaseException) -> str:
+def os_reason(exc: BaseException) -> str:
+    """What went wrong, for a one-line message: "Permission denied" rather than OSError's
+    "[Errno 13] Permission denied: 'path'" (the caller names the path itself)."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)

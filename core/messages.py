@@ -129,11 +129,8 @@ def _valid_links(body: dict[str, Any]) -> bool:
 def _valid_hosts(body: dict[str, Any]) -> bool:
     """Host -> agent: a full-state snapshot `gen` of the names its DNS responder serves,
     split into `parts` like `routes`; `suffixes` say which queries it answers."""
-    gen, part, parts = body.get("gen"), body.get("part"), body.get("parts")
     suffixes, entries = body.get("suffixes"), body.get("entries")
-    if type(gen) is not int or type(part) is not int or type(parts) is not int:
-        return False
-    if not (0 < gen < MAX_EPOCH and 0 < parts <= MAX_PARTS and 0 <= part < parts):
+    if not _valid_parts(body):
         return False
     if not isinstance(suffixes, list) or len(suffixes) > MAX_SUFFIXES:
         return False
@@ -178,24 +175,17 @@ def _valid_agent_status(body: dict[str, Any]) -> bool:
 
 def _valid_routes(body: dict[str, Any]) -> bool:
     """A full-state snapshot `gen`, split into `parts`; each part lists IPv4 networks."""
-    gen, part, parts = body.get("gen"), body.get("part"), body.get("parts")
     routes = body.get("routes")
+    return (_valid_parts(body) and isinstance(routes, list) and len(routes) <= ROUTES_PER_PART
+            and all(_network_str(r) for r in routes))
+
+
+def _valid_parts(body: dict[str, Any]) -> bool:
+    """Part `part` of `parts` of full-state snapshot `gen` (`routes` and `hosts`)."""
+    gen, part, parts = body.get("gen"), body.get("part"), body.get("parts")
     if type(gen) is not int or type(part) is not int or type(parts) is not int:
         return False
-    if not isinstance(routes, list):
-        return False
-    if not (0 < gen < MAX_EPOCH and 0 < parts <= MAX_PARTS and 0 <= part < parts):
-        return False
-    if len(routes) > ROUTES_PER_PART:
-        return False
-    for route in routes:
-        if not isinstance(route, str) or len(route) > 18:
-            return False
-        try:
-            IPv4Network(route)
-        except ValueError:
-            return False
-    return True
+    return 0 < gen < MAX_EPOCH and 0 < parts <= MAX_PARTS and 0 <= part < parts
 
 
 def route_parts(routes: list[str]) -> list[list[str]]:

@@ -39,11 +39,18 @@ class HostView:
     running: dict[str, Any] | None  # the daemon's "access" status, None when not running
 
 
-def host_view(config_path: str | None, interface: str) -> HostView:
+def running_status(interface: str) -> dict[str, Any] | None:
+    """The running daemon's status, None when none answers on `interface`'s socket."""
     try:
-        status = control.request(control.socket_path(interface), "status")["status"]
+        status: dict[str, Any] = control.request(control.socket_path(interface),
+                                                 "status")["status"]
     except control.ControlError:
-        status = None
+        return None
+    return status
+
+
+def host_view(config_path: str | None, interface: str) -> HostView:
+    status = running_status(interface)
     part = status.get("access") if status else None
     if isinstance(part, dict):
         configured = part["expose"]["configured"]
@@ -154,10 +161,7 @@ def remove(name: str, interface: str) -> str:
 
 def listing(config_path: str | None, interface: str) -> list[dict[str, Any]]:
     """The accessors: as the running daemon sees them, else from the store and config."""
-    try:
-        status = control.request(control.socket_path(interface), "status")["status"]
-    except control.ControlError:
-        status = None
+    status = running_status(interface)
     part = status.get("access") if status else None
     if isinstance(part, dict):
         rows = [dict(a) for a in part["accessors"]]

@@ -24,7 +24,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from .config import PeerConfig
-from .keys import ConfigError, decode_key, encode_key
+from .keys import ConfigError, decode_key, encode_key, os_reason
 
 STORE_NAME = "peers.toml"
 NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # as [peers.NAME] in the config
@@ -142,7 +142,7 @@ def _read(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read the peer store: {_reason(exc)}") from None
+        raise ConfigError(f"{path}: cannot read the peer store: {os_reason(exc)}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -152,7 +152,7 @@ def _read(path: Path) -> str | None:
                               f"it (mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
         data = os.read(fd, _READ_LIMIT + 1)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the peer store: {_reason(exc)}") from None
+        raise ConfigError(f"{path}: cannot read the peer store: {os_reason(exc)}") from None
     finally:
         os.close(fd)
     if len(data) > _READ_LIMIT:
@@ -227,7 +227,7 @@ def _write(path: Path, peers: list[PeerConfig]) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot write the peer store: {_reason(exc)}") from None
+        raise ConfigError(f"{path}: cannot write the peer store: {os_reason(exc)}") from None
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -249,15 +249,9 @@ def _locked(path: Path) -> Iterator[None]:
         _private_dir(path.parent)
         fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot lock the peer store: {_reason(exc)}") from None
+        raise ConfigError(f"{path}: cannot lock the peer store: {os_reason(exc)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc)

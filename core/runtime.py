@@ -8,13 +8,14 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from ipaddress import IPv4Network
 from types import FrameType
 from typing import Any
 
 import pluggy
 
 from . import control, plugins
-from .contracts import PlatformAdapter, Transport
+from .contracts import PlatformAdapter, PlatformError, Transport
 from .engine import Engine, EngineTimers
 
 log = logging.getLogger("ctun")
@@ -54,6 +55,17 @@ def platform(
         resources.callback(log.info, "stopped; interface %s and its routes removed", interface)
         resources.callback(adapter.close)
         yield adapter, resources
+
+
+def check_tunnel_network(adapter: PlatformAdapter, network: IPv4Network) -> None:
+    """Refuse a tunnel network that overlaps a route the host has already: traffic for one
+    of them would go to the other."""
+    conflict = adapter.conflicting_route(network)
+    if conflict is not None:
+        raise PlatformError(
+            f"the tunnel network {network} overlaps the host route {conflict}; "
+            "choose another `addr`"
+        )
 
 
 AUTO = "auto"

@@ -11,7 +11,6 @@ import random
 import socket
 import struct
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
@@ -23,7 +22,7 @@ from ctun.core import messages
 from ctun.core.config import HostConfig, HostsSource, PeerConfig, Timers, TunnelConfig
 from ctun.core.host_context import HostContext
 from ctun.core.hosts_push import setup as hosts_setup
-from ctun.vm.dns import DnsService, HostsFeed
+from ctun.vm.dns import DnsService, HostsFeed, Snapshot
 from ctun.vm.dns_packet import MAX_QUERY, TTL, encode_name
 from ctun.vm.dns_redirect import DnsRedirect
 
@@ -296,26 +295,41 @@ def hosts_message(gen: int, part: int, parts: int, entries: list[list[str]], seq
     return messages.parse(payload)
 
 
+class Delivered:
+    """Stands in for the keeper the feed hands complete snapshots to: keeps the newest."""
+
+    def __init__(self) -> None:
+        self.newest: Snapshot | None = None
+
+    def __call__(self, snapshot: Snapshot) -> None:
+        self.newest = snapshot
+
+    def take(self) -> Snapshot | None:
+        newest, self.newest = self.newest, None
+        return newest
+
+
 def test_parts_are_reassembled_in_any_order_and_old_generations_ignored() -> None:
-    feed = HostsFeed(threading.Event())
+    delivered = Delivered()
+    feed = HostsFeed(delivered)
     one, two = [["a.dev.local", "10.0.0.1"]], [["b.dev.local", "10.0.0.2"]]
     feed.on_control("host", hosts_message(2, 1, 2, two))
-    assert feed.take() is None
+    assert delivered.take() is None
     feed.on_control("host", hosts_message(2, 0, 2, one))
-    assert feed.take() == (["dev.local"], one + two)
-    assert feed.take() is None
+    assert delivered.take() == (["dev.local"], one + two)
+    assert delivered.take() is None
     feed.on_control("host", hosts_message(1, 0, 1, []))  # late: older than what we have
     feed.on_control("host", hosts_message(2, 0, 1, []))  # the same generation again
-    assert feed.take() is None
+    assert delivered.take() is None
     feed.on_control("host", hosts_message(3, 0, 2, one))  # an unfinished one...
     feed.on_control("host", hosts_message(4, 0, 1, two))  # ...overtaken by a newer one
     feed.on_control("host", hosts_message(3, 1, 2, two))
-    assert feed.take() == (["dev.local"], two)
+    assert delivered.take() == (["dev.local"], two)
     # The host restarted: a new epoch, generations from 1 again.
     feed.on_control("host", hosts_message(1, 0, 1, one, epoch=2))
-    assert feed.take() == (["dev.local"], one)
+    assert delivered.take() == (["dev.local"], one)
     feed.on_control("host", messages.ControlMessage("links", 5, {"pairs": []}, 2))
-    assert feed.take() is None
+    assert delivered.take() is None
 
 
 # -- the host side: what it sends, through the real message schema -------------------------------
@@ -367,7 +381,8 @@ def test_the_host_sends_the_entries_when_the_agent_comes_up_and_when_they_change
         tmp_path: Path, service: DnsService, client: Client) -> None:
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 api.dev.local\n10.1.2.3 db.dev.local\nbogus line\n")
-    feed = HostsFeed(threading.Event())
+    delivered = Delivered()
+    feed = HostsFeed(delivered)
     with host_side(hosts) as (ctx, engine):
         assert ctx.files() == [hosts]
         assert ctx.status()["hosts"] == {
@@ -384,7 +399,7 @@ def test_the_host_sends_the_entries_when_the_agent_comes_up_and_when_they_change
         # The agent's side takes it as it comes off the wire.
         for message in engine.sent:
             feed.on_control("host", message)
-        snapshot = feed.take()
+        snapshot = delivered.take()
         assert snapshot is not None
         service.apply(*snapshot)
         assert client.ask(query("api.dev.local")).answers == [(A, TTL, HOST.packed)]
@@ -403,7 +418,7 @@ def test_the_host_sends_the_entries_when_the_agent_comes_up_and_when_they_change
             (2, 0, 3), (2, 1, 3), (2, 2, 3)]
         for message in reversed(engine.sent):
             feed.on_control("host", message)
-        snapshot = feed.take()
+        snapshot = delivered.take()
         assert snapshot is not None
         service.apply(*snapshot)
         assert client.ask(query("db.dev.local")).answers == [(A, TTL, bytes([10, 1, 2, 5]))]

@@ -111,7 +111,9 @@ def test_bulk_data_arrives_intact_both_ways(tunnel: tuple[Tunnel, bool]) -> None
         in_flight = h["tx_super"] != v["rx_super"] or v["tx_super"] != h["rx_super"]
         return None if in_flight else (host, vm)
 
-    host, vm = lab.wait_until(settled, 5, what="the counters of both sides to agree")
+    both = lab.wait_until(settled, 5, what="the counters of both sides to agree")
+    assert both is not None  # wait_until only returns a true value
+    host, vm = both
     if os.environ.get("CTUN_LAB_OFFLOAD") == "off":
         offload = False  # the lab added --no-offload to every tunnel
     for side, other in ((host, vm), (vm, host)):

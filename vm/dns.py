@@ -6,9 +6,9 @@ containers' queries for the suffixes there (vm.dns_redirect). Names under a suff
 snapshot lacks get NXDOMAIN, so a removed entry stops resolving at once; anything else gets
 REFUSED: this is no open resolver.
 
-Threads: messages arrive on the network thread and are only stashed there (HostsFeed); one
-keeper thread applies snapshots and re-checks the redirect every few seconds; the responder
-has a thread of its own, which never touches iptables.
+Threads: messages arrive on the network thread and are only reassembled there (HostsFeed);
+a keeper thread (vm.keeper) applies the newest snapshot and re-checks the redirect every few
+seconds; the responder has a thread of its own, which never touches iptables.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import select
 import socket
 import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
@@ -38,6 +38,7 @@ from .dns_packet import (
 )
 from .dns_redirect import DnsRedirect
 from .firewall import FirewallError, Runner
+from .keeper import Keeper
 
 log = logging.getLogger("ctun.vm.dns")
 
@@ -287,79 +288,42 @@ class DnsService:
         self.redirect_error = str(exc)
 
 
-class HostsFeed:
-    """Reassembles `hosts` snapshots from their parts (network thread) for the keeper."""
+Snapshot = tuple[list[str], list[list[str]]]  # (suffixes, [name, address] entries)
 
-    def __init__(self, wake: threading.Event) -> None:
-        self._wake = wake
-        self._lock = threading.Lock()
+
+class HostsFeed:
+    """Reassembles `hosts` snapshots from their parts (network thread) and hands each
+    complete one to `deliver` (the keeper's offer)."""
+
+    def __init__(self, deliver: Callable[[Snapshot], None]) -> None:
+        self._deliver = deliver
         self._epoch: int | None = None
         self._generation = 0  # the newest complete snapshot
         self._parts_gen = 0
         self._parts_count = 0
         self._parts: dict[int, dict[str, Any]] = {}
-        self._latest: tuple[list[str], list[list[str]]] | None = None
 
     def on_control(self, _peer: str, message: ControlMessage) -> None:
         if message.kind != "hosts":
             return
         body = message.body
         gen, part, parts = body["gen"], body["part"], body["parts"]
-        with self._lock:
-            if message.epoch != self._epoch:
-                # The host restarted: its generations start over.
-                self._epoch, self._generation, self._parts_gen = message.epoch, 0, 0
-            if gen <= self._generation or gen < self._parts_gen:
-                return  # older than what we have: a late retransmit
-            if gen > self._parts_gen:
-                self._parts_gen, self._parts_count, self._parts = gen, parts, {}
-            if parts != self._parts_count:
-                return  # parts of one snapshot disagree: wait for a consistent one
-            self._parts[part] = body
-            if len(self._parts) < parts:
-                return
-            ordered = [self._parts[i] for i in range(parts)]
-            self._latest = (list(ordered[0]["suffixes"]),
-                            [entry for p in ordered for entry in p["entries"]])
-            self._generation, self._parts = gen, {}
-        self._wake.set()
-
-    def take(self) -> tuple[list[str], list[list[str]]] | None:
-        """The newest complete snapshot not taken yet, if any."""
-        with self._lock:
-            latest, self._latest = self._latest, None
-            return latest
-
-
-class _Keeper:
-    def __init__(self, service: DnsService) -> None:
-        self.service = service
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self.feed = HostsFeed(self._wake)
-        self._thread = threading.Thread(target=self._run, name="ctun-dns-keeper", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
-        self.service.close()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            snapshot = self.feed.take()
-            try:
-                if snapshot is not None:
-                    self.service.apply(*snapshot)
-                else:
-                    self.service.ensure()
-            except Exception:  # a bug here must not end DNS for the agent's whole life
-                log.exception("DNS keeper")
-            self._wake.wait(RECHECK_EVERY)
-            self._wake.clear()
+        if message.epoch != self._epoch:
+            # The host restarted: its generations start over.
+            self._epoch, self._generation, self._parts_gen = message.epoch, 0, 0
+        if gen <= self._generation or gen < self._parts_gen:
+            return  # older than what we have: a late retransmit
+        if gen > self._parts_gen:
+            self._parts_gen, self._parts_count, self._parts = gen, parts, {}
+        if parts != self._parts_count:
+            return  # parts of one snapshot disagree: wait for a consistent one
+        self._parts[part] = body
+        if len(self._parts) < parts:
+            return
+        ordered = [self._parts[i] for i in range(parts)]
+        self._generation, self._parts = gen, {}
+        self._deliver((list(ordered[0]["suffixes"]),
+                       [entry for p in ordered for entry in p["entries"]]))
 
 
 def setup(ctx: AgentContext) -> None:
@@ -373,8 +337,11 @@ def setup(ctx: AgentContext) -> None:
     except FirewallError as exc:
         service.redirect_error = str(exc)
         log.error("DNS redirect: %s", exc)
-    keeper = _Keeper(service)
-    ctx.on_control.append(keeper.feed.on_control)
+    keeper: Keeper[Snapshot] = Keeper(
+        "ctun-dns-keeper", apply=lambda snapshot: service.apply(*snapshot),
+        refresh=service.ensure, every=RECHECK_EVERY, log=log, what="DNS keeper")
+    ctx.on_control.append(HostsFeed(keeper.offer).on_control)
     ctx.status_parts.append(lambda: {"dns": service.status()})
     keeper.start()
+    ctx.resources.callback(service.close)  # after the keeper has stopped (callbacks: LIFO)
     ctx.resources.callback(keeper.stop)

@@ -9,7 +9,6 @@ few seconds anyway, because Docker rewrites its chains when it restarts or a net
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from ipaddress import IPv4Network
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from ..core.contracts import PlatformAdapter
 from ..core.messages import ControlMessage
 from .firewall import Firewall, FirewallError
+from .keeper import Ticker
 
 log = logging.getLogger("ctun.vm.forwarding")
 
@@ -39,20 +39,19 @@ class Forwarding:
         self.links: dict[str, str] = {}
         self.rules: list[str] = []
         self.error = ""
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ctun-forwarding", daemon=True)
+        # Snapshots are taken on the network thread (status shows them at once); the ticker
+        # only has to be told that there is news.
+        self._ticker = Ticker("ctun-forwarding", self._sync, every=RECHECK_EVERY, log=log,
+                              what="forwarding")
 
     def start(self) -> None:
         if self._firewall is not None:
             for line in self._firewall.cleanup_leftovers():
                 log.warning("cleaned up after a previous run: firewall rule %s", line)
-        self._thread.start()
+        self._ticker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
+        self._ticker.stop()
         if self._firewall is not None:
             try:
                 self._firewall.close()
@@ -76,13 +75,7 @@ class Forwarding:
             routes = [r for i in range(parts) for r in self._parts.get(i, [])]
             self.subnets = tuple(IPv4Network(r) for r in routes)
             self._generation = gen
-            self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sync()
-            self._wake.wait(RECHECK_EVERY)
-            self._wake.clear()
+            self._ticker.wake()
 
     def _sync(self) -> None:
         links: dict[IPv4Network, str] = {}
@@ -120,7 +113,7 @@ class Forwarding:
     def report_again(self) -> None:
         """A new session: the host may have restarted and know nothing of us."""
         self._reported = None
-        self._wake.set()
+        self._ticker.wake()
 
     def _send_report(self) -> None:
         summary = self.summary()

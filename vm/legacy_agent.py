@@ -32,9 +32,11 @@ from ..core.engine import Engine
 from ..core.legacy import status, wire
 from ..core.messages import ControlMessage
 from ..core.protocol import Dropped, Prefixes, check_inner
+from ..core.threads import start_guarded
 from .dns import DnsService
 from .firewall import Firewall, FirewallError
 from .forwarding import Forwarding
+from .keeper import Ticker
 from .links import Pair, SubnetLinks
 
 log = logging.getLogger("ctun.vm.legacy")
@@ -130,16 +132,7 @@ class LegacyAgent:
         return self._stop.is_set()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._guarded, name="ctun-legacy-pump",
-                                        daemon=True)
-        self._thread.start()
-
-    def _guarded(self) -> None:
-        try:
-            self._pump()
-        except Exception:
-            log.exception("legacy pump failed; stopping")
-            self._stop.set()
+        self._thread = start_guarded(self._pump, "ctun-legacy-pump", self._stop.set)
 
     def stop(self, reason: str = "shutting down") -> None:
         self._stop.set()
@@ -270,14 +263,12 @@ class Controls:
         self._suffixes: list[str] = []
         self._serving = False  # the DNS service has had something to serve
         self._bodies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self._subnets: tuple[IPv4Network, ...] = ()
         self._generation = 0
         self.pushes = 0
         self.bad: Counter[str] = Counter()
-        self._thread = threading.Thread(target=self._run, name="ctun-legacy-controls",
-                                        daemon=True)
+        self._ticker = Ticker("ctun-legacy-controls", self._round, every=RECHECK_EVERY,
+                              log=log, what="legacy controls")
 
     def start(self) -> None:
         try:
@@ -285,33 +276,22 @@ class Controls:
                 log.warning("cleaned up after a previous run: DNS redirect %s", line)
         except FirewallError as exc:
             log.error("DNS redirect: %s", exc)
-        self._thread.start()
+        self._ticker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
+        self._ticker.stop()
         self._links.close()
         self._dns.close()
 
     def push(self, body: bytes) -> None:
         """Network thread: keep it, wake the worker."""
         self._bodies.put(body)
-        self._wake.set()
+        self._ticker.wake()
 
     def status(self) -> dict[str, Any]:
         return {"legacy": {"pushes": self.pushes, "bad_commands": dict(self.bad),
                            "bridge_subnets": [str(s) for s in self._subnets]},
                 **self._links.status(), "dns": self._dns.status()}
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._round()
-            except Exception:  # one bad round must not end the controls for the agent's life
-                log.exception("legacy controls: update failed")
-            self._wake.wait(RECHECK_EVERY)
-            self._wake.clear()
 
     def _round(self) -> None:
         self._follow_bridges()

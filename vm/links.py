@@ -24,6 +24,7 @@ from ..core.contracts import PlatformAdapter
 from ..core.messages import ControlMessage
 from .agent_context import AgentContext
 from .firewall import BridgeLink, Firewall, FirewallError
+from .keeper import Keeper
 
 log = logging.getLogger("ctun.vm.links")
 
@@ -141,25 +142,21 @@ def _show(subnet: IPv4Network | None) -> str:
 
 
 class LinksWorker:
-    """Runs a SubnetLinks: takes `links` messages on the network thread, applies them (and
-    re-checks every RECHECK_EVERY seconds) on its own thread."""
+    """Runs a SubnetLinks: takes `links` messages on the network thread; a keeper applies
+    them (and re-checks every RECHECK_EVERY seconds) on a thread of its own."""
 
     def __init__(self, links: SubnetLinks) -> None:
         self.links = links
-        self._stash: tuple[Pair, ...] | None = None
-        self._stash_lock = threading.Lock()
         self._last: tuple[int, int] = (0, 0)  # (epoch, seq) of the newest message taken
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ctun-links", daemon=True)
+        self._keeper: Keeper[tuple[Pair, ...]] = Keeper(
+            "ctun-links", apply=links.apply, refresh=links.refresh, every=RECHECK_EVERY,
+            log=log, what="subnet links")
 
     def start(self) -> None:
-        self._thread.start()
+        self._keeper.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
+        self._keeper.stop()
         self.links.close()
 
     def on_control(self, peer: str, message: ControlMessage) -> None:
@@ -172,24 +169,8 @@ class LinksWorker:
         if message.epoch == epoch and message.seq < seq:
             return
         self._last = (message.epoch, message.seq)
-        pairs = tuple((IPv4Network(a), IPv4Network(b)) for a, b in message.body["pairs"])
-        with self._stash_lock:
-            self._stash = pairs
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with self._stash_lock:
-                pairs, self._stash = self._stash, None
-            try:
-                if pairs is not None:
-                    self.links.apply(pairs)
-                else:
-                    self.links.refresh()
-            except Exception:  # one bad round must not end the links for the agent's life
-                log.exception("subnet links: update failed")
-            self._wake.wait(RECHECK_EVERY)
-            self._wake.clear()
+        self._keeper.offer(tuple((IPv4Network(a), IPv4Network(b))
+                                 for a, b in message.body["pairs"]))
 
 
 def setup(ctx: AgentContext) -> None:

@@ -14,7 +14,6 @@ import pluggy
 from ... import __version__
 from .. import runtime
 from ..config import HostConfig
-from ..contracts import PlatformError
 from ..daemon import route_handlers
 from ..docker_watch import DockerWatcher
 from ..engine import Engine
@@ -40,12 +39,7 @@ def run_legacy(cfg: HostConfig, pm: pluggy.PluginManager, stop: threading.Event,
     where = f"udp {cfg.listen[0]}:{cfg.listen[1]}"
     log.warning(WARNING, where)
     with runtime.platform(pm, cfg.tunnel.interface) as (adapter, resources):
-        conflict = adapter.conflicting_route(cfg.tunnel.network)
-        if conflict is not None:
-            raise PlatformError(
-                f"the tunnel network {cfg.tunnel.network} overlaps the host route {conflict}; "
-                "choose another `addr`"
-            )
+        runtime.check_tunnel_network(adapter, cfg.tunnel.network)
         sock = bind_udp(cfg.listen, "the VM side")
         resources.callback(sock.close)
         expose = bind_udp(cfg.expose.listen, "expose") if cfg.expose.listen else None

@@ -23,13 +23,14 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from ipaddress import IPv4Network
 from typing import Any
 
 from ..config import VM_PEER, HostConfig
 from ..contracts import Endpoint, PlatformError, VirtualInterface
 from ..protocol import Dropped, Prefixes, check_inner, ipv4_destination
+from ..threads import start_guarded
 from . import status, wire
 from .expose import DROP, REPLY, TO_VM, ExposeDesk, Policy
 from .pushes import Pusher
@@ -129,20 +130,11 @@ class LegacyHost:
 
     def start(self) -> None:
         for target, name in ((self._pump, "ctun-legacy-pump"), (self._timer, "ctun-legacy")):
-            thread = threading.Thread(target=self._guard(target), name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self._threads.append(start_guarded(target, name, self._crashed))
 
-    def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                target()
-            except Exception:
-                log.exception("legacy thread %s failed; stopping", threading.current_thread().name)
-                self._stop.set()
-                self._wake()
-
-        return run
+    def _crashed(self) -> None:
+        self._stop.set()
+        self._wake()
 
     def stop(self, reason: str = "shutting down") -> None:
         self._stop.set()
