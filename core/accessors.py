@@ -195,7 +195,7 @@ class Accessors:
                 log.error("sharing is off: %s", self._listen_error)
                 return
         for transport in opened:
-            self._engine.add_transport(transport)
+            self._engine.add_transport(transport, accessors=True)
         self._transports, self._listen = opened, want
         log.info("expose listener on %s %s:%d; exposed routes: %s",
                  "+".join(t.name for t in opened), *want,

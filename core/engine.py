@@ -95,6 +95,8 @@ DROP_HINTS = {
                       "the exposed routes",
     Drop.LOGIN_RATE_LIMITED: "many failed handshakes from one address (a wrong key, or "
                              "someone guessing): its handshakes are ignored for a while",
+    Drop.WRONG_LISTENER: "an accessor at the VM's listener or the VM at the expose listener: "
+                         "each logs in only at its own",
 }
 
 
@@ -234,6 +236,11 @@ class Engine:
         self._accessors: dict[int, Peer] = {}  # accessor address -> accessor
         self._plain: list[Peer] = []  # everyone else: where accessors' packets may go
         self._relaying = False  # any accessor at all: the only cost of this on the fast path
+        # Paths of the expose listeners. Once there are any, accessors are heard only there
+        # and every other peer only elsewhere: a LAN machine with an accessor key does not get
+        # in through the VM's listener, nor anything through the port facing the LAN unless
+        # it is an accessor's.
+        self._accessor_paths: frozenset[int] = frozenset()
         self._expose = _NOTHING_EXPOSED
         new = [self._make_peer(spec) for spec in peers]
         if role is Role.VM and (remote is None or len(new) != 1):
@@ -498,6 +505,8 @@ class Engine:
     ) -> None:
         if now - session.created > self.timers.reject_after:
             raise Dropped(Drop.KEY_EXPIRED)
+        if self._accessor_paths and (path in self._accessor_paths) != peer.accessor:
+            raise Dropped(Drop.WRONG_LISTENER)  # and never roams its endpoint there
         payload = session.opener.open(frame)
         message: messages.ControlMessage | None = None
         if ftype is FrameType.DATA:
@@ -692,6 +701,9 @@ class Engine:
             return
         if now - peer.last_init_accepted < 1 / INITS_PER_SECOND:
             peer.counters.drops_in[Drop.RATE_LIMITED] += 1  # the right key, just too often
+            return
+        if self._accessor_paths and (path in self._accessor_paths) != peer.accessor:
+            peer.counters.drops_in[Drop.WRONG_LISTENER] += 1
             return
         with self._lock:
             response, keys = create_response(message, peer.psk, self._new_index())
@@ -891,9 +903,10 @@ class Engine:
         self._events.put((peer.name, "removed", reason))
         return connected
 
-    def add_transport(self, transport: Transport) -> None:
-        """Host side, thread-safe: listen on one more transport (an accessor listener) from
-        now on, with the same offload and datagram settings as the others."""
+    def add_transport(self, transport: Transport, *, accessors: bool = False) -> None:
+        """Host side, thread-safe: listen on one more transport from now on, with the same
+        offload and datagram settings as the others. `accessors`: an expose listener, where
+        only accessors log in (and accessors log in nowhere else)."""
         if self.role is not Role.HOST:
             raise ValueError("only the host side listens on more transports")
         transport.use_offloads(self._offload)
@@ -907,6 +920,8 @@ class Engine:
             if selector is not None:  # first: a transport it cannot wait on is not taken
                 selector.register(transport.fileno(), selectors.EVENT_READ, path)
             self.transports = [*self.transports, transport]
+            if accessors:
+                self._accessor_paths = self._accessor_paths | {path}
 
         self._on_pump(add)
 
@@ -928,6 +943,7 @@ class Engine:
             transports = list(self.transports)
             transports[path] = _Removed()
             self.transports = transports
+            self._accessor_paths = self._accessor_paths - {path}
             with self._lock:
                 for peer in self.peers:
                     if peer.path == path:

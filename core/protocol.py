@@ -73,6 +73,7 @@ class Drop(enum.StrEnum):
     GSO_UNSUPPORTED = "gso_unsupported"
     NOT_EXPOSED = "not_exposed"  # relay: an accessor's packet outside the exposed routes
     LOGIN_RATE_LIMITED = "login_rate_limited"  # INIT from an address out of failed logins
+    WRONG_LISTENER = "wrong_listener"  # an accessor not at the expose listener, or the VM at it
 
 
 class Dropped(Exception):

@@ -499,6 +499,37 @@ def test_listeners_come_and_go_without_moving_anyone(scene: Scene) -> None:
         host.engine.remove_transport(first)
 
 
+def test_accessors_log_in_only_at_the_expose_listener_and_the_vm_never_there(
+        scene: Scene) -> None:
+    host = scene.host([vm_spec(scene.keys["vm"]), accessor("alice", scene.keys["alice"],
+                                                            ALICE_IP)])
+    host.engine.set_expose([EXPOSED], HOST_ADDR, pong=False)
+    main = host.engine.transports[0]
+    assert isinstance(main, UdpTransport)
+    expose = scene.listener()
+    host.engine.add_transport(expose, accessors=True)
+    vm = scene.client("vm", main)
+    wait_until(lambda: vm.is_up() and host.is_up("vm"), UP, what="vm up at its listener")
+    # alice with her right key, at the VM's listener: refused, counted, never up.
+    wrong = scene.client("alice", main)
+    wait_until(lambda: drops(host, "alice").get("wrong_listener", 0) >= 2, UP,
+               what="alice refused at the VM's listener")
+    assert host.peer("alice")["state"] == "waiting" and not wrong.is_up()
+    wrong.engine.stop()
+    # The VM's key at the expose listener: refused the same way, the VM's session untouched.
+    stray = scene.client("vm", expose)
+    wait_until(lambda: drops(host, "vm").get("wrong_listener", 0) >= 2, UP,
+               what="the VM's key refused at the expose listener")
+    stray.engine.stop()
+    assert host.engine._peer("vm").path == 0
+    # At the expose listener alice gets in, and her traffic is relayed.
+    alice = scene.client("alice", expose)
+    wait_until(lambda: alice.is_up() and host.is_up("alice"), UP, what="alice up")
+    packet = udp(ALICE_IP, CONTAINER)
+    alice.interface.send(packet)
+    wait_until(lambda: vm.interface.written[-1:] == [packet], UP, what="alice relayed")
+
+
 # --- failed logins -------------------------------------------------------------------------
 
 
