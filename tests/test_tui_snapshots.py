@@ -117,6 +117,9 @@ def keys(*pressed: str, table: str = "#tunnel-table", rows: int = 1,
             await drawn(pilot, pilot.app.query_one(table, DataTable), rows)
         else:
             await drawn(pilot, pilot.app.query_one(table, DataTable), rows)
+            # A screen covered by a dialog is not repainted: it must be final before (a
+            # column still as wide as its header once showed up cut under the dialog).
+            await still(pilot)
             await pilot.press(*pressed)
             await until(pilot, lambda: type(pilot.app.screen).__name__ == wait_for, wait_for)
         no_blink(pilot)

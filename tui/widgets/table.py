@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 
 from rich.text import Text
 from textual.widgets import DataTable
-from textual.widgets.data_table import RowDoesNotExist
+from textual.widgets.data_table import RowDoesNotExist, RowKey
 
 from ..model import Row
 
@@ -55,6 +56,14 @@ class SnapshotTable(DataTable[Text]):
         descending = self._sort == (index, False)
         self._sort = (index, descending)
         self._render_rows()
+
+    def _update_dimensions(self, new_rows: Iterable[RowKey]) -> None:
+        super()._update_dimensions(new_rows)
+        # Textual measures new rows when idle. Repaint from scratch once measured, so that a
+        # table nothing else redraws (an idle daemon) never keeps lines painted before: CI
+        # snapshots twice caught such a table with header-wide columns and cut cells.
+        self._clear_caches()
+        self.refresh()
 
     def _render_rows(self) -> None:
         rows = [r for r in self._rows
