@@ -383,9 +383,11 @@ def load_host_config(path: str | None, overrides: Mapping[str, object]) -> HostC
     return _host_config(_read_file(path), overrides, with_keys=True)
 
 
-def check_host_config(path: str, overrides: Mapping[str, object] | None = None) -> HostConfig:
+def check_host_config(path: str | None,
+                      overrides: Mapping[str, object] | None = None) -> HostConfig:
     """Validated exactly like load_host_config, but without reading or creating any key
-    file (every peer's key is left empty): for `ctun config import`, which needs no root."""
+    file (every peer's key is left empty): for `ctun config import`, which needs no root,
+    and `ctun peer`, which needs only the addresses."""
     return _host_config(_read_file(path), overrides or {}, with_keys=False)
 
 

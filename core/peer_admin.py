@@ -63,7 +63,7 @@ def host_view(config_path: str | None, interface: str) -> HostView:
             tuple(IPv4Address(a) for a in part.get("taken", [])),
             parse_remote(configured) if configured else None,
             source if isinstance(source, str) else None, part)
-    cfg = config.load_host_config(config_path, {})
+    cfg = config.check_host_config(config_path)
     return HostView(
         cfg.tunnel.network, cfg.tunnel.host_address, cfg.tunnel.vm_address,
         frozenset(p.name for p in cfg.peers),
@@ -168,7 +168,7 @@ def listing(config_path: str | None, interface: str) -> list[dict[str, Any]]:
         rows += [{"name": "", "ip": None, "origin": "", "state": "", "problem": p}
                  for p in part.get("problems", [])]
         return rows
-    cfg = config.load_host_config(config_path, {})
+    cfg = config.check_host_config(config_path)
     stored = peer_store.load(config.default_state_dir())
     return [{"name": p.name, "ip": str(p.ip), "origin": p.origin, "state": "not running"}
             for p in [*cfg.peers, *stored] if p.ip is not None]

@@ -173,6 +173,9 @@ def test_peer_add_rm_list_without_a_daemon(host_dirs: dict[str, str]) -> None:
     assert command == f"sudo ctun access --remote 198.51.100.7:2512 --key {encode_key(alice.key)}"
     assert notes[0].startswith('sharing is off here: add  [expose] listen = "0.0.0.0:2512"')
     assert notes[1] == "ctun is not running here: alice (192.168.251.3) is admitted when it starts"
+    # Only the store is written: no vm.key or other key file appears as a side effect.
+    assert sorted(p.name for p in Path(host_dirs["CTUN_STATE_DIR"]).iterdir()) == [
+        ".peers.toml.lock", "peers.toml"]
 
     listed = run_cli(["peer", "list", "--config", config], host_dirs)
     assert listed.stdout.splitlines()[1].split() == ["alice", "192.168.251.3", "store",
