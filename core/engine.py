@@ -457,13 +457,10 @@ class Engine:
         if self._relaying:
             # An accessor's /32 is the most specific route there is: one lookup, so that
             # many accessors cost the VM's traffic nothing.
-            return self._accessors.get(destination) or self._plain_peer_for(destination)
-        best, best_len = None, -1
-        for peer in self.peers:
-            length = peer.routes.longest_match(destination)
-            if length > best_len:
-                best, best_len = peer, length
-        return best
+            accessor = self._accessors.get(destination)
+            if accessor is not None:
+                return accessor
+        return self._plain_peer_for(destination)  # without accessors, that is every peer
 
     def _from_network(self, path: int) -> None:
         frames = self.transports[path].receive(BATCH)

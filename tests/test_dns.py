@@ -524,6 +524,18 @@ def test_the_service_puts_rules_only_while_it_listens() -> None:
     assert runner.rules == []
 
 
+def test_a_closed_service_stays_closed() -> None:
+    """A keeper round that outlives the agent's stop must not listen or redirect again."""
+    runner = RecordingRunner()
+    dns = DnsService(LOOPBACK, "ctun0", port=0, iptables="iptables", runner=runner)
+    dns.apply(["dev.local"], ENTRIES)
+    assert dns.address is not None and len(runner.rules) == 1
+    dns.close()
+    dns.ensure()
+    dns.apply(["dev.local"], ENTRIES)
+    assert dns.address is None and runner.rules == []
+
+
 def test_an_agent_that_restarted_quickly_gets_the_entries_again(tmp_path: Path) -> None:
     """Restarted within the engine's dead_after, the agent's peer never went down, so no
     "up" event comes: the new epoch of its messages is the sign."""

@@ -538,20 +538,22 @@ def test_ctun_agent_and_host_in_legacy_mode(fresh_lab: Lab) -> None:
         assert host_view["peers"][0]["state"] == "up"
         assert status(lab, VM_IF)["legacy"]["bridge_subnets"] == ["172.18.0.0/16"]
     finally:
-        Lab.stop(agent)
+        code = Lab.stop(agent)
         Lab.stop(daemon)
-    assert_agent_cleaned_up(lab)
+    assert_agent_cleaned_up(lab, code)
     assert "Traceback" not in lab.log("daemon"), lab.log("daemon")
     print(f"\nctun agent <-> ctun host, legacy: HTTP 200 in {took * 1000:.1f} ms")
 
 
-def assert_agent_cleaned_up(lab: Lab) -> None:
-    """The agent removed its interface and every rule it added (filter and nat)."""
+def assert_agent_cleaned_up(lab: Lab, code: int) -> None:
+    """The agent stopped by itself on SIGTERM (not killed) and removed its interface and
+    every rule it added (filter and nat)."""
     assert "Traceback" not in lab.log("agent"), lab.log("agent")
+    assert code == 0, f"agent exit code {code}\n{lab.log('agent')}"
     assert VM_IF not in netns.run(lab.vm_ns, ["ip", "-o", "link"]).stdout
     for table in ("filter", "nat"):
         rules = netns.run(lab.vm_ns, ["iptables", "-t", table, "-S"], check=False).stdout
-        assert "ctun" not in rules, rules
+        assert "ctun" not in rules, f"{rules}\n{lab.log('agent')}"
 
 
 def _http_ok(lab: Lab) -> bool:
@@ -583,9 +585,9 @@ def test_ctun_agent_against_the_documented_host_format(fresh_lab: Lab) -> None:
             if data == b"\x00":
                 beats.append(time.monotonic())
     finally:
-        Lab.stop(agent)
+        code = Lab.stop(agent)
         host.close()
-    assert_agent_cleaned_up(lab)
+    assert_agent_cleaned_up(lab, code)
     assert len(beats) == 2, "no heartbeats while idle"
     print(f"\nctun agent vs the documented host: hello, pings to itself and through its "
           f"bridge, DNS from a push; idle heartbeat interval {beats[1] - beats[0]:.2f} s")

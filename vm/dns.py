@@ -166,6 +166,9 @@ class DnsService:
         self._counters_lock = threading.Lock()  # status() copies while the responder counts
         self.error = ""  # why the responder does not listen
         self.redirect_error = ""
+        # Closed for good: a keeper round that outlived its stop() must not listen or add
+        # redirects again after close() removed them.
+        self._closed = False
 
     # -- the responder's side (its own thread)
 
@@ -199,6 +202,8 @@ class DnsService:
             self.count("invalid_entries", bad)
             log.warning("ignored %d invalid names or suffixes from the host", bad)
         with self._lock:
+            if self._closed:
+                return
             self._names = names
             active = bool(names.suffixes or names.addresses)
             if active:
@@ -213,6 +218,8 @@ class DnsService:
     def ensure(self) -> None:
         """Retry what failed (the socket, the rules) and put back flushed rules."""
         with self._lock:
+            if self._closed:
+                return
             if (self._names.suffixes or self._names.addresses) and self._listener is None:
                 self._listen()
                 self._redirect_to(self._names.suffixes if self._listener is not None else ())
@@ -226,6 +233,7 @@ class DnsService:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None

@@ -28,7 +28,6 @@ from itertools import pairwise
 
 from .dns_packet import encode_name
 from .firewall import (
-    COMMAND_TIMEOUT,
     LOCK_WAIT,
     PREROUTING,
     TAG_PREFIX,
@@ -36,6 +35,7 @@ from .firewall import (
     Runner,
     parse_listing,
     run_command,
+    run_iptables,
 )
 
 log = logging.getLogger("ctun.vm.dns")
@@ -128,21 +128,14 @@ class DnsRedirect:
         return self._run(["-t", NAT, "-C", PREROUTING, *spec], absent_ok=True).returncode == 0
 
     def _run(self, args: list[str], absent_ok: bool = False) -> subprocess.CompletedProcess[str]:
-        argv = [self._binary, "-w", LOCK_WAIT, *args]
-        command = shlex.join(argv)
-        try:
-            result = self._runner(argv)
-        except FileNotFoundError:
-            raise FirewallError(f"`{argv[0]}` not found: install iptables in the agent's "
-                                f"image to redirect containers' DNS queries") from None
-        except subprocess.TimeoutExpired:
-            raise FirewallError(f"`{command}` did not finish within "
-                                f"{COMMAND_TIMEOUT:.0f} s") from None
-        except OSError as exc:
-            raise FirewallError(f"cannot run `{command}`: {exc}") from None
-        if result.returncode == 0 or (absent_ok and result.returncode == 1):
-            return result
-        stderr = " ".join((result.stderr or "").split()) or "no error output"
-        hint = ("the kernel needs the xt_string match (CONFIG_NETFILTER_XT_MATCH_STRING)"
-                if "string" in stderr.lower() else "compare with `iptables-save -t nat`")
-        raise FirewallError(f"`{command}` failed (exit {result.returncode}): {stderr}; {hint}")
+        return run_iptables(
+            self._runner, [self._binary, "-w", LOCK_WAIT, *args], absent_ok=absent_ok,
+            not_found="install iptables in the agent's image to redirect containers' DNS "
+                      "queries",
+            compare="compare with `iptables-save -t nat`", hint=_string_hint)
+
+
+def _string_hint(stderr: str) -> str | None:
+    if "string" in stderr.lower():
+        return "the kernel needs the xt_string match (CONFIG_NETFILTER_XT_MATCH_STRING)"
+    return None

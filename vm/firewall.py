@@ -510,29 +510,39 @@ class Firewall:
         self._run(["-t", rule.table, "-D", rule.chain, *rule.spec])
 
     def _run(self, args: list[str], absent_ok: bool = False) -> subprocess.CompletedProcess[str]:
-        argv = [self.backend, "-w", LOCK_WAIT, *args]
-        command = shlex.join(argv)
-        try:
-            result = self._runner(argv)
-        except FileNotFoundError:
-            raise FirewallError(
-                f"iptables is not installed in the agent image; install it (e.g. `apk add "
-                f"iptables`) so the agent can open Docker's firewall (`{argv[0]}` not found)"
-            ) from None
-        except subprocess.TimeoutExpired:
-            raise FirewallError(
-                f"`{command}` did not finish within {COMMAND_TIMEOUT:.0f} s; check that no "
-                f"process hangs holding the xtables lock"
-            ) from None
-        except OSError as exc:
-            raise FirewallError(f"cannot run `{command}`: {exc}") from None
-        if result.returncode == 0 or (absent_ok and result.returncode == 1):
-            return result
-        stderr = " ".join((result.stderr or "").split()) or "no error output"
-        if result.returncode == 4 or "lock" in stderr:
-            hint = f"another program held the xtables lock for over {LOCK_WAIT} s; retry"
-        elif "Permission denied" in stderr or "must be root" in stderr:
-            hint = "the agent needs root (CAP_NET_ADMIN) in the Docker VM"
-        else:
-            hint = "compare with `iptables-save` in the Docker VM"
-        raise FirewallError(f"`{command}` failed (exit {result.returncode}): {stderr}; {hint}")
+        return run_iptables(
+            self._runner, [self.backend, "-w", LOCK_WAIT, *args], absent_ok=absent_ok,
+            not_found="iptables is not installed in the agent image; install it (e.g. `apk "
+                      "add iptables`) so the agent can open Docker's firewall",
+            compare="compare with `iptables-save` in the Docker VM")
+
+
+def run_iptables(runner: Runner, argv: list[str], *, absent_ok: bool, not_found: str,
+                 compare: str, hint: Callable[[str], str | None] = lambda _stderr: None
+                 ) -> subprocess.CompletedProcess[str]:
+    """One iptables command through `runner`; every failure is a one-line FirewallError
+    that says what to do. With `absent_ok`, exit 1 ("no such rule") is an answer, not an
+    error. `hint` may name a cause particular to the caller's rules from iptables' stderr;
+    `compare` is the last resort."""
+    command = shlex.join(argv)
+    try:
+        result = runner(argv)
+    except FileNotFoundError:
+        raise FirewallError(f"{not_found} (`{argv[0]}` not found)") from None
+    except subprocess.TimeoutExpired:
+        raise FirewallError(
+            f"`{command}` did not finish within {COMMAND_TIMEOUT:.0f} s; check that no "
+            f"process hangs holding the xtables lock"
+        ) from None
+    except OSError as exc:
+        raise FirewallError(f"cannot run `{command}`: {exc}") from None
+    if result.returncode == 0 or (absent_ok and result.returncode == 1):
+        return result
+    stderr = " ".join((result.stderr or "").split()) or "no error output"
+    if result.returncode == 4 or "lock" in stderr:
+        why = f"another program held the xtables lock for over {LOCK_WAIT} s; retry"
+    elif "Permission denied" in stderr or "must be root" in stderr:
+        why = "the agent needs root (CAP_NET_ADMIN) in the Docker VM"
+    else:
+        why = hint(stderr) or compare
+    raise FirewallError(f"`{command}` failed (exit {result.returncode}): {stderr}; {why}")
