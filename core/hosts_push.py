@@ -26,27 +26,16 @@ class HostsPush:
         self._ctx = ctx
         self._lock = threading.Lock()  # one snapshot at a time, in order
         self._generation = 0
-        self._agent_epoch = 0
         self.current = self._read(ctx.cfg, HostsEntries((), ()))
 
     def files(self) -> list[Path]:
         return [source.file for source in self._ctx.cfg.hosts]
 
     def peer_up(self, peer: str) -> None:
+        # Also when it restarted too quickly to look down: the engine says "up" again then.
         if peer == VM_PEER:
             with self._lock:
                 self._push()  # a new agent knows nothing yet
-
-    def on_control(self, peer: str, message: messages.ControlMessage) -> None:
-        """Network thread. An agent restarted within the engine's dead_after shows no "up"
-        event (its peer never went down): its messages' new epoch is the sign of it."""
-        if peer != VM_PEER or message.epoch == self._agent_epoch:
-            return
-        restarted = self._agent_epoch != 0
-        self._agent_epoch = message.epoch
-        if restarted:
-            with self._lock:
-                self._push()  # queues the cached snapshot: no file access here
 
     def reconfigure(self, cfg: HostConfig) -> None:
         fresh = self._read(cfg, self.current)  # outside the lock: the network thread takes it
@@ -93,6 +82,5 @@ def setup(ctx: HostContext) -> None:
     push = HostsPush(ctx)
     ctx.watched_files.append(push.files)
     ctx.on_peer_up.append(push.peer_up)
-    ctx.on_control.append(push.on_control)
     ctx.on_reconfigure.append(push.reconfigure)
     ctx.status_parts.append(push.status)

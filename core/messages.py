@@ -188,6 +188,39 @@ def _valid_parts(body: dict[str, Any]) -> bool:
     return 0 < gen < MAX_EPOCH and 0 < parts <= MAX_PARTS and 0 <= part < parts
 
 
+class Snapshots:
+    """Reassembles full-state snapshots the host sends in parts (`routes`, `hosts`): only a
+    complete snapshot newer than the last one taken counts, a late retransmit of an older
+    one is ignored, and a new epoch (the host restarted) numbers them from 1 again. Used by
+    one thread (the network thread)."""
+
+    def __init__(self) -> None:
+        self._epoch: int | None = None
+        self._generation = 0  # the newest complete snapshot taken
+        self._parts_gen = 0  # the snapshot being assembled
+        self._parts_count = 0
+        self._parts: dict[int, dict[str, Any]] = {}
+
+    def take(self, message: ControlMessage) -> list[dict[str, Any]] | None:
+        """The bodies of the snapshot this part completes, in order; None until then."""
+        body = message.body
+        gen, part, parts = body["gen"], body["part"], body["parts"]
+        if message.epoch != self._epoch:
+            self._epoch, self._generation, self._parts_gen = message.epoch, 0, 0
+        if gen <= self._generation or gen < self._parts_gen:
+            return None  # older than what we have: a late retransmit
+        if gen > self._parts_gen:
+            self._parts_gen, self._parts_count, self._parts = gen, parts, {}
+        if parts != self._parts_count:
+            return None  # parts of one snapshot disagree: wait for a consistent one
+        self._parts[part] = body
+        if len(self._parts) < parts:
+            return None
+        ordered = [self._parts[i] for i in range(parts)]
+        self._generation, self._parts = gen, {}
+        return ordered
+
+
 def route_parts(routes: list[str]) -> list[list[str]]:
     """Split a route list into parts for `routes` messages (at least one, maybe empty)."""
     chunks = [routes[i:i + ROUTES_PER_PART] for i in range(0, len(routes), ROUTES_PER_PART)]

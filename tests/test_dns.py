@@ -537,21 +537,16 @@ def test_a_closed_service_stays_closed() -> None:
 
 
 def test_an_agent_that_restarted_quickly_gets_the_entries_again(tmp_path: Path) -> None:
-    """Restarted within the engine's dead_after, the agent's peer never went down, so no
-    "up" event comes: the new epoch of its messages is the sign."""
+    """Restarted within the engine's dead_after, the agent's peer never went down; the
+    engine announces it "up" again ("peer restarted", tests/test_engine_peers.py), and every
+    up of the VM peer sends the current snapshot."""
     hosts = tmp_path / "hosts"
     hosts.write_text("10.1.2.3 db.dev.local\n")
     with host_side(hosts) as (ctx, engine):
         ctx.peer_up("vm")
         assert len(engine.sent) == 1
-
-        def from_agent(epoch: int, peer: str = "vm") -> None:
-            ctx.control_message(peer, messages.ControlMessage("agent_status", 1, {}, epoch))
-
-        from_agent(5)  # the agent's first message: it got the entries when it came up
-        from_agent(5)
-        from_agent(9, peer="alice")
+        ctx.peer_up("alice")
         assert len(engine.sent) == 1
-        from_agent(6)  # a new run of the agent
+        ctx.peer_up("vm")  # the new run of the agent
         assert [m.body["gen"] for m in engine.sent] == [1, 2]
         assert engine.sent[1].body["entries"] == [["db.dev.local", "10.1.2.3"]]

@@ -24,7 +24,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from ..core.hosts_file import normalise_suffix, under, valid_name
-from ..core.messages import ControlMessage
+from ..core.messages import ControlMessage, Snapshots
 from .agent_context import AgentContext
 from .dns_packet import (
     RCODE_NOERROR,
@@ -305,33 +305,15 @@ class HostsFeed:
 
     def __init__(self, deliver: Callable[[Snapshot], None]) -> None:
         self._deliver = deliver
-        self._epoch: int | None = None
-        self._generation = 0  # the newest complete snapshot
-        self._parts_gen = 0
-        self._parts_count = 0
-        self._parts: dict[int, dict[str, Any]] = {}
+        self._snapshots = Snapshots()
 
     def on_control(self, _peer: str, message: ControlMessage) -> None:
         if message.kind != "hosts":
             return
-        body = message.body
-        gen, part, parts = body["gen"], body["part"], body["parts"]
-        if message.epoch != self._epoch:
-            # The host restarted: its generations start over.
-            self._epoch, self._generation, self._parts_gen = message.epoch, 0, 0
-        if gen <= self._generation or gen < self._parts_gen:
-            return  # older than what we have: a late retransmit
-        if gen > self._parts_gen:
-            self._parts_gen, self._parts_count, self._parts = gen, parts, {}
-        if parts != self._parts_count:
-            return  # parts of one snapshot disagree: wait for a consistent one
-        self._parts[part] = body
-        if len(self._parts) < parts:
-            return
-        ordered = [self._parts[i] for i in range(parts)]
-        self._generation, self._parts = gen, {}
-        self._deliver((list(ordered[0]["suffixes"]),
-                       [entry for p in ordered for entry in p["entries"]]))
+        bodies = self._snapshots.take(message)
+        if bodies is not None:
+            self._deliver((list(bodies[0]["suffixes"]),
+                           [entry for body in bodies for entry in body["entries"]]))
 
 
 def setup(ctx: AgentContext) -> None:

@@ -14,7 +14,7 @@ from ipaddress import IPv4Network
 from typing import Any
 
 from ..core.contracts import PlatformAdapter
-from ..core.messages import ControlMessage
+from ..core.messages import ControlMessage, Snapshots
 from .firewall import Firewall, FirewallError
 from .keeper import Ticker
 
@@ -31,10 +31,7 @@ class Forwarding:
         # Tells the host what the VM side sees: the host's `ctun status` is where users look.
         self._report = report
         self._reported: dict[str, Any] | None = None
-        self._generation = 0
-        self._epoch = 0  # the host run the generations belong to
-        self._parts: dict[int, list[str]] = {}
-        self._parts_gen = 0
+        self._snapshots = Snapshots()
         self.subnets: tuple[IPv4Network, ...] = ()
         self.links: dict[str, str] = {}
         self.rules: list[str] = []
@@ -62,19 +59,9 @@ class Forwarding:
         """Network thread: keep the newest complete snapshot, then hand over to our thread."""
         if message.kind != "routes":
             return
-        gen, part, parts = message.body["gen"], message.body["part"], message.body["parts"]
-        if message.epoch != self._epoch:
-            # A restarted host numbers its snapshots from 1 again: its first one is news.
-            self._epoch, self._generation, self._parts_gen, self._parts = message.epoch, 0, 0, {}
-        if gen <= self._generation or gen < self._parts_gen:
-            return  # older than what we have: a late retransmit
-        if gen > self._parts_gen:
-            self._parts_gen, self._parts = gen, {}
-        self._parts[part] = message.body["routes"]
-        if len(self._parts) == parts:
-            routes = [r for i in range(parts) for r in self._parts.get(i, [])]
-            self.subnets = tuple(IPv4Network(r) for r in routes)
-            self._generation = gen
+        bodies = self._snapshots.take(message)
+        if bodies is not None:
+            self.subnets = tuple(IPv4Network(r) for body in bodies for r in body["routes"])
             self._ticker.wake()
 
     def _sync(self) -> None:
