@@ -484,6 +484,7 @@ def format_status(status: dict[str, Any]) -> str:
     if status.get("drops"):
         drops = ", ".join(f"{k} {v}" for k, v in sorted(status["drops"].items()))
         lines.append(f"unauthenticated drops: {drops}")
+    lines += format_transport_losses(status.get("transports", []))
     docker = status.get("docker")
     if docker:
         reason = f" ({docker['error']})" if docker.get("error") else ""
@@ -504,6 +505,19 @@ def format_status(status: dict[str, Any]) -> str:
     lines += format_access(status.get("access"))
     lines += format_extras(status)
     return "\n".join(lines)
+
+
+def format_transport_losses(transports: list[dict[str, Any]]) -> list[str]:
+    """Frames a transport lost (a full queue or socket buffer): the tunnel's own loss, which
+    the peers' counters cannot show, since the frames never reached the far end."""
+    lines = []
+    for transport in transports:
+        lost = {k: v for k, v in transport.get("stats", {}).items()
+                if k.startswith("dropped_") and v}
+        if lost:
+            lines.append(f"transport {transport['name']} lost: "
+                         + ", ".join(f"{k[len('dropped_'):]} {v}" for k, v in sorted(lost.items())))
+    return lines
 
 
 def format_extras(status: dict[str, Any]) -> list[str]:

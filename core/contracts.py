@@ -186,5 +186,6 @@ class Transport(ABC):
         return None  # optional: nothing to do by default
 
     def stats(self) -> dict[str, int]:
-        """Counters for the status view (errors, connections closed by reason, ...)."""
+        """Counters for the status view (errors, connections closed by reason, ...). Those
+        named `dropped_...` count frames the transport lost; `ctun status` shows them."""
         return {}

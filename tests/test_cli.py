@@ -86,6 +86,8 @@ def test_status_formats_a_snapshot() -> None:
         "role": "host", "version": "0.1.0", "interface": "ctun0", "transport": "udp",
         "local_endpoint": ["127.0.0.1", 2511], "uptime": 12.0, "drops": {"short": 2},
         "routes": ["172.18.0.0/16"],
+        "transports": [{"name": "udp", "stats": {"errors": 0, "dropped_rcvbuf": 7}},
+                       {"name": "tcp", "stats": {"dropped_send_full": 0, "frames_out": 9}}],
         "peers": [{"name": "vm", "state": "up", "endpoint": ["127.0.0.1", 40000],
                    "handshake_age": 3.0, "rtt_ms": 0.25, "rx_packets": 1, "rx_bytes": 84,
                    "tx_packets": 2, "tx_bytes": 168, "drops": {"replay": 1},
@@ -97,6 +99,7 @@ def test_status_formats_a_snapshot() -> None:
     assert "over tcp; 1 switch(es), last udp -> tcp: keepalives stopped coming back over udp" \
         in text
     assert "unauthenticated drops: short 2" in text and "172.18.0.0/16" in text
+    assert "transport udp lost: rcvbuf 7" in text and "transport tcp" not in text
     with_docker = format_status({
         "role": "host", "version": "0.1.0", "interface": "ctun0", "transport": "udp",
         "local_endpoint": ["127.0.0.1", 2511], "uptime": 1.0, "drops": {}, "peers": [],

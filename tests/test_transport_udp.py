@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import select
+import socket
 import time
 
 import pytest
@@ -137,6 +138,29 @@ def test_junk_pieces_at_the_listener_are_counted_and_harmless() -> None:
                           b"real"], server.local_endpoint)
         assert receive_all(server, 1) == [b"real"]
         assert server.stats()["pieces_invalid"] == 2
+    finally:
+        client.close()
+        server.close()
+
+
+@pytest.mark.parametrize("offloads", [True, False], ids=["offloads", "plain"])
+def test_datagrams_dropped_for_a_full_receive_buffer_are_counted(offloads: bool) -> None:
+    """The kernel's own drops, the only loss in the tunnel nothing else would show."""
+    server = UdpTransport.listen(("127.0.0.1", 0))
+    client = UdpTransport.connect(server.local_endpoint)
+    try:
+        server.use_offloads(offloads)
+        # A buffer far smaller than the burst: most of it overflows before anything is read.
+        server._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sent = 400
+        for n in range(sent):
+            client.send(n.to_bytes(4, "big") * 300, server.local_endpoint)
+        got = receive_all(server, sent, timeout=0.5)
+        assert 0 < len(got) < sent
+        # The kernel tells the count with the next datagram it queues after the drops.
+        client.send(b"after", server.local_endpoint)
+        assert receive_all(server, 1) == [b"after"]
+        assert server.stats()["dropped_rcvbuf"] == sent - len(got)
     finally:
         client.close()
         server.close()

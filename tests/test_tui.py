@@ -233,6 +233,15 @@ def test_model_states() -> None:
     assert rates.current == {"rx_packets": 10.0}
 
 
+def test_drops_include_what_transports_lost() -> None:
+    status = sample_status()
+    status["drops"] = {"short": 1}
+    status["peers"][0]["drops"] = {"short": 2, "replay": 1}
+    status["transports"] = [{"name": "udp", "stats": {"errors": 3, "dropped_rcvbuf": 4}},
+                            {"name": "tcp", "stats": {"dropped_send_full": 0}}]
+    assert model.drops(status) == {"short": 3, "replay": 1, "udp rcvbuf": 4}
+
+
 # -- against a real daemon ----------------------------------------------------------------------
 
 LAB_CONTAINERS = 1

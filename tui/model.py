@@ -51,13 +51,18 @@ def totals(status: Status) -> dict[str, int]:
 
 
 def drops(status: Status) -> dict[str, int]:
-    """Drops by reason: the daemon's own and every peer's, merged."""
+    """Drops by reason: the daemon's own and every peer's, merged; then the frames each
+    transport lost (`<transport> <reason>`), which no peer's counter shows."""
     merged: dict[str, int] = {}
     sources = [status.get("drops") or {}] + [p.get("drops") or {} for p in
                                             status.get("peers") or []]
     for each in sources:
         for reason, n in each.items():
             merged[reason] = merged.get(reason, 0) + int(n)
+    for transport in status.get("transports") or []:
+        for key, n in (transport.get("stats") or {}).items():
+            if key.startswith("dropped_") and n:
+                merged[f"{transport.get('name')} {key[len('dropped_'):]}"] = int(n)
     return merged
 
 

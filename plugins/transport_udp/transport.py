@@ -32,14 +32,18 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SOL_UDP = 17
 UDP_SEGMENT = 103
 UDP_GRO = 104
+# Asks the kernel to say, with a received datagram, how many it dropped for a full receive
+# buffer: the one loss of the tunnel's that nothing else would show.
+SO_RXQ_OVFL = 40
 GSO_MAX_SEGMENTS = 64  # per sendmsg(): the kernel's UDP_MAX_SEGMENTS on older kernels
 GSO_MAX_BYTES = 65507  # per sendmsg(): what one IPv4 packet's UDP payload may be
 DEFAULT_DATAGRAM = 1432  # the default MTU (1400) plus the tunnel's 32 bytes
 # The largest datagram (or GRO batch of them) that can arrive, and one byte more, so that
 # anything bigger shows up as truncated rather than as a damaged frame.
 RECV_SIZE = 65536
-_ANC_SPACE = socket.CMSG_SPACE(4)
+_ANC_SPACE = 2 * socket.CMSG_SPACE(4)  # a GRO segment size and a drop count
 _GRO_SIZE = struct.Struct("=i")
+_DROP_COUNT = struct.Struct("=I")
 _SEGMENT_SIZE = struct.Struct("=H")
 # What sendmsg() says when the kernel or the device cannot segment UDP.
 _NO_GSO = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
@@ -60,6 +64,7 @@ class UdpTransport(Transport):
         self._connected = connected
         self.errors = 0  # transient send/receive errors, for the status view
         self.truncated = 0  # datagrams bigger than any frame
+        self.dropped_rcvbuf = 0  # datagrams the kernel dropped, our receive buffer full
         self._closed = False
         self._datagram = DEFAULT_DATAGRAM
         self._frame_id = 0
@@ -78,6 +83,8 @@ class UdpTransport(Transport):
         self.gso = sys.platform.startswith("linux")
         self.gro = False
         if self.gso:
+            with contextlib.suppress(OSError):  # only the counter is missing without it
+                sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
             try:
                 sock.setsockopt(SOL_UDP, UDP_GRO, 1)
                 self.gro = True
@@ -147,6 +154,10 @@ class UdpTransport(Transport):
         for level, kind, data in ancillary:
             if level == SOL_UDP and kind == UDP_GRO and len(data) >= _GRO_SIZE.size:
                 segment = _GRO_SIZE.unpack_from(data)[0] or size
+            elif level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and \
+                    len(data) >= _DROP_COUNT.size:
+                # The socket's total so far; the kernel sends it only once it is not zero.
+                self.dropped_rcvbuf = _DROP_COUNT.unpack_from(data)[0]
         view = self._view
         if segment < size and view[0] == fragments.MARKER:
             frames = fragments.whole_frames(view, size, segment)
@@ -260,6 +271,7 @@ class UdpTransport(Transport):
         return {
             "errors": self.errors,
             "truncated": self.truncated,
+            "dropped_rcvbuf": self.dropped_rcvbuf,
             "pieces_invalid": self._reassembly.invalid,
             "frames_incomplete": self._reassembly.incomplete,
             "gso": int(self.gso),
