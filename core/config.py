@@ -34,6 +34,7 @@ from .docker_policy import DEFAULT_AGENT_BASE, DockerConfig, Selector
 from .keys import ConfigError, decode_key, encode_key, load_or_create_key, os_reason, read_key
 from .legacy_config import SourceLine, line_error, quote
 from .messages import MAX_LINKS, MAX_SUFFIX, MAX_SUFFIXES, ROUTES_PER_PART
+from .toml_lines import value_lines
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -275,6 +276,8 @@ class _Value:
     file: str | None = None
     # A docker-connector.conf: label -> the line that set it, so errors say FILE:LINE.
     lines: Mapping[str, SourceLine] | None = field(default=None, repr=False)
+    # A TOML file: label -> the line it was written on (core/toml_lines.py), likewise.
+    toml_lines: Mapping[str, int] | None = field(default=None, repr=False)
 
     @property
     def given(self) -> bool:
@@ -287,15 +290,20 @@ class _Value:
             line = self.line()
             if line is not None:
                 return line_error(self.file, line, problem)
-            return ConfigError(f"{self.file}: {self.label} = {_show_toml(self.raw)}: {problem}")
+            return ConfigError(f"{self.where()}: {self.label} = {_show_toml(self.raw)}: {problem}")
         return ConfigError(f"{self.label} (default {_show_toml(self.raw)}): {problem}")
+
+    def where(self) -> str:
+        """FILE:LINE of a value from a TOML file; FILE alone if its line is not known."""
+        number = _toml_line(self.toml_lines, self.label)
+        return f"{self.file}:{number}" if number else str(self.file)
 
     def table_error(self, problem: str) -> ConfigError:
         """About a whole table ([peers.db]) rather than one value in it."""
         line = self.line()
         if line is not None:
             return line_error(self.file, line, problem)
-        return ConfigError(f"{self.file}: [{self.label}]: {problem}")
+        return ConfigError(f"{self.where()}: [{self.label}]: {problem}")
 
     def line(self) -> SourceLine | None:
         if self.lines is None or self.origin != _FILE:
@@ -323,15 +331,19 @@ class _Settings:
         source: str | None,
         role: _Role,
         lines: Mapping[str, SourceLine] | None = None,
+        toml_lines: Mapping[str, int] | None = None,
     ) -> None:
         self.doc = doc
         self.source = source
         self.lines = lines
+        self.toml_lines = toml_lines
         known = _HOST_KEYS if role == "host" else _AGENT_KEYS
         other = _AGENT_KEYS if role == "host" else _HOST_KEYS
         for key in doc:
             if key not in known:
-                raise ConfigError(f"{source}: {_misplaced(key, known, other, role)}")
+                where = _Value(doc[key], _FILE, _toml_key(key), file=source,
+                               toml_lines=toml_lines).where()
+                raise ConfigError(f"{where}: {_misplaced(key, known, other, role)}")
         # The CLI may hand over every flag with None for "not given"; that means absent.
         self.overrides = {k: v for k, v in overrides.items() if v is not None}
         flag_only = _HOST_FLAG_ONLY if role == "host" else frozenset()
@@ -350,8 +362,21 @@ class _Settings:
         if name in self.overrides:
             return _Value(self.overrides[name], _FLAG, name, flag=_flag_name(name))
         if name in self.doc:
-            return _Value(self.doc[name], _FILE, name, file=self.source, lines=self.lines)
+            return _Value(self.doc[name], _FILE, name, file=self.source, lines=self.lines,
+                          toml_lines=self.toml_lines)
         return _Value(default, _DEFAULT, name)
+
+
+def _toml_line(lines: Mapping[str, int] | None, label: str) -> int | None:
+    """The line of `label`, or of the nearest enclosing value or table that has one."""
+    while lines is not None and label:
+        if label in lines:
+            return lines[label]
+        cut = max(label.rfind("."), label.rfind("["))
+        if cut <= 0:
+            return None
+        label = label[:cut]
+    return None
 
 
 def _flag_name(key: str) -> str:
@@ -394,7 +419,7 @@ def check_host_config(path: str | None,
 def _host_config(
     file: _File, overrides: Mapping[str, object], *, with_keys: bool
 ) -> HostConfig:
-    s = _Settings(file.doc, overrides, file.source, "host", file.lines)
+    s = _Settings(file.doc, overrides, file.source, "host", file.lines, file.toml_lines)
     tunnel = _tunnel(s, DEFAULT_HOST_INTERFACE)
     listen = _ipv4(s.get("listen", DEFAULT_LISTEN), "an IPv4 address to listen on", "127.0.0.1")
     port = _int(s.get("port", DEFAULT_PORT), 1, 65535)
@@ -478,7 +503,7 @@ def load_agent_config(
             f"{source}: a docker-connector.conf is the host's config (ctun up --config "
             f"{source}); give the VM side flags, or a ctun TOML file"
         )
-    s = _Settings(file.doc, overrides, source, "agent")
+    s = _Settings(file.doc, overrides, source, "agent", toml_lines=file.toml_lines)
     tunnel = _tunnel(s, DEFAULT_AGENT_INTERFACE)
     host = _host(s.get("host", DEFAULT_AGENT_HOST))
     port = _int(s.get("port", DEFAULT_PORT), 1, 65535)
@@ -521,6 +546,7 @@ class _File:
     source: str | None  # its path; None when there is no file
     mode: int  # its st_mode; 0 when there is no file or it is no regular file
     lines: Mapping[str, SourceLine] | None = None  # a docker-connector.conf's, by label
+    toml_lines: Mapping[str, int] | None = None  # a TOML file's, by label
 
 
 def _read_file(path: str | os.PathLike[str] | None) -> _File:
@@ -554,7 +580,7 @@ def _read_file(path: str | os.PathLike[str] | None) -> _File:
         raise ConfigError(f"{name}: invalid TOML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{name}: invalid TOML: arrays or tables nested too deeply") from None
-    return _File(doc, name, mode)
+    return _File(doc, name, mode, toml_lines=value_lines(text))
 
 
 # --- individual settings -------------------------------------------------------------------
@@ -785,17 +811,18 @@ def _peer_specs(value: _Value, file_mode: int, tunnel: TunnelConfig) -> list[_Pe
             key_v = entry.child("key", table["key"])
             # Never echo the value: a key that is nearly right is still a secret.
             if not isinstance(table["key"], str):
-                raise ConfigError(f"{file}: {label}.key: must be a string of base64")
+                raise ConfigError(f"{key_v.where()}: {label}.key: must be a string of base64")
             if file_mode & 0o077 and os.name != "nt":
                 raise ConfigError(
-                    f"{file}: {label}.key: this file holds a key but other users can read it "
-                    f"(mode {stat.S_IMODE(file_mode):04o}); run: chmod 600 {file}, "
+                    f"{key_v.where()}: {label}.key: this file holds a key but other users can "
+                    f"read it (mode {stat.S_IMODE(file_mode):04o}); run: chmod 600 {file}, "
                     f"or move the key into a key_file"
                 )
             key = decode_key(
-                table["key"], f"{file}: {label}.key", "set it to the peer's 44-character key"
+                table["key"], f"{key_v.where()}: {label}.key",
+                "set it to the peer's 44-character key"
             )
-            specs.append(_PeerSpec(name, key, None, allowed, f"{file}: {key_v.label}", ip))
+            specs.append(_PeerSpec(name, key, None, allowed, f"{key_v.where()}: {key_v.label}", ip))
         elif "key_file" in table:
             path = _path(entry.child("key_file", table["key_file"]))
             specs.append(_PeerSpec(name, None, path, allowed, str(path), ip))
@@ -1128,7 +1155,8 @@ def docker_config(value: _Value, overrides: Mapping[str, object]) -> DockerConfi
     for key in table:
         if key not in _DOCKER_KEYS:
             known = ", ".join(sorted(_DOCKER_KEYS))
-            raise ConfigError(f"{value.file}: [docker]: unknown key {key!r} (known: {known})")
+            where = value.child(key, table[key]).where()
+            raise ConfigError(f"{where}: [docker]: unknown key {key!r} (known: {known})")
 
     def get(key: str, default: object) -> _Value:
         for flag, target in _DOCKER_FLAGS.items():

@@ -20,6 +20,7 @@ from ctun.core.config import (
     ConfigError,
     HostConfig,
     Timers,
+    check_host_config,
     default_state_dir,
     encode_key,
     load_agent_config,
@@ -292,18 +293,54 @@ FILE_ERRORS = [
 
 
 @pytest.mark.parametrize(("text", "expected"), FILE_ERRORS)
-def test_file_errors_name_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+def test_file_errors_name_file_line_and_key(tmp_path: Path, text: str, expected: str) -> None:
     path = write(tmp_path / "ctun.toml", text + "\n")
     message = error_of(lambda: load_host_config(path, {}))
-    assert message.startswith(path + ": ")
+    line = text.count("\n") + 1  # every wrong value here is on the last line
+    assert message.startswith(f"{path}:{line}: ")
     assert expected in message
+
+
+def test_value_errors_point_at_their_line_anywhere_in_a_file(tmp_path: Path) -> None:
+    """Values in arrays across lines, in tables and in arrays of tables."""
+    head = (
+        "# ctun\n"
+        'addr = "192.168.251.1/24"\n'
+        "routes = [\n"
+        '  "172.17.0.0/16",  # the default bridge\n'
+        "\n"
+        '  "{route}",\n'
+        "]\n"
+        "[docker]\n"
+        "{docker}\n"
+        '[peers."bob"]\n'
+        'ip = "{ip}"\n'
+        "[[hosts]]\n"
+        'file = "/etc/hosts"\n'
+        "suffixes = ['.dev.local',\n"
+        "            '{suffix}']\n"
+        "[expose]\n"
+        'listen = "{listen}"\n'
+    )
+    good = {"route": "172.18.0.0/16", "docker": "", "ip": "192.168.251.9",
+            "suffix": ".test", "listen": "0.0.0.0:2512"}
+    cases = [("route", "10.0.0.1/8", 6, 'routes[1] = "10.0.0.1/8": has host bits set'),
+             ("docker", "colour = 1", 9, "[docker]: unknown key 'colour'"),
+             ("ip", "10.9.9.9", 11, "outside the tunnel network"),
+             ("suffix", "", 15, "hosts[0].suffixes[1]"),
+             ("listen", "0.0.0.0", 17, 'expose.listen = "0.0.0.0"')]
+    for field, bad, line, expected in cases:
+        path = write(tmp_path / "ctun.toml", head.format_map({**good, field: bad}), mode=0o600)
+        message = error_of(lambda: check_host_config(path))  # noqa: B023 (called at once)
+        assert message.startswith(f"{path}:{line}: "), (field, message)
+        assert expected in message, (field, message)
 
 
 def test_agent_rejects_host_only_keys(tmp_path: Path) -> None:
     for text in ('routes = ["172.17.0.0/16"]', 'listen = "0.0.0.0"', "[peers.x]\n"):
         path = write(tmp_path / "vm.toml", text + "\n")
         message = error_of(partial(load_agent_config, path, {}, {}))
-        assert message.startswith(path + ": ")
+        assert message.startswith(path + ":1: ")
         assert "only for `ctun up` (the host side)" in message
 
 
@@ -319,7 +356,7 @@ def test_agent_rejects_host_only_keys(tmp_path: Path) -> None:
 def test_agent_file_errors(tmp_path: Path, text: str, expected: str) -> None:
     path = write(tmp_path / "vm.toml", text + "\n")
     message = error_of(lambda: load_agent_config(path, {}, {"CTUN_KEY": encode_key(KEY_A)}))
-    assert message.startswith(path + ": ") and expected in message
+    assert message.startswith(path + ":1: ") and expected in message
 
 
 def test_agent_accepts_names_and_literals() -> None:
@@ -473,7 +510,7 @@ def test_peer_sharing_a_key_with_the_vm_is_rejected(isolated: Path, tmp_path: Pa
         f'[peers.db]\nkey = "{encode_key(KEY_A)}"\nallowed = ["10.0.0.0/8"]\n',
     )
     message = error_of(lambda: load_host_config(path, {}))
-    assert message.startswith(f"{path}: peers.db.key: same key as peer 'vm'")
+    assert message.startswith(f"{path}:2: peers.db.key: same key as peer 'vm'")
     assert "every peer needs its own key" in message
 
 
@@ -482,7 +519,7 @@ def test_inline_peer_key_needs_a_private_config_file(tmp_path: Path) -> None:
     text = f'[peers.db]\nkey = "{encode_key(KEY_B)}"\nallowed = ["10.0.0.0/8"]\n'
     path = write(tmp_path / "ctun.toml", text, mode=0o644)
     message = error_of(lambda: load_host_config(path, {}))
-    assert message.startswith(f"{path}: peers.db.key: this file holds a key")
+    assert message.startswith(f"{path}:2: peers.db.key: this file holds a key")
     assert f"chmod 600 {path}" in message
     Path(path).chmod(0o600)
     assert load_host_config(path, {}).peers[1].key == KEY_B

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import venv
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,17 @@ def run(*argv: str, cwd: Path | None = None) -> str:
     result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+@pytest.fixture(scope="module", autouse=True)
+def clean_checkout() -> Iterator[None]:
+    """Building from the checkout leaves setuptools' build/ and *.egg-info in it (mypy and
+    ruff would then see a second copy of every module): remove what was not there before."""
+    made = [ROOT / "build", ROOT / "ctun.egg-info"]
+    made = [path for path in made if not path.exists()]
+    yield
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
