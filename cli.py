@@ -496,6 +496,8 @@ def format_status(status: dict[str, Any]) -> str:
             f"{fw.get('backend')}, {fw.get('rules')} rules"
         bridges = ", ".join(f"{k} -> {v}" for k, v in sorted(view.get("bridges", {}).items()))
         lines.append(f"agent firewall: {state}" + (f"; bridges: {bridges}" if bridges else ""))
+    if isinstance(view.get("dns"), dict):
+        lines.append(format_agent_dns(view["dns"]))
     if status.get("route_table"):
         lines += format_route_table(status["route_table"])
     elif "routes" in status:
@@ -505,6 +507,21 @@ def format_status(status: dict[str, Any]) -> str:
     lines += format_access(status.get("access"))
     lines += format_extras(status)
     return "\n".join(lines)
+
+
+def format_agent_dns(dns: dict[str, Any]) -> str:
+    """The agent's DNS responder for hosts names: where it listens, or why it does not."""
+    if dns.get("error"):
+        state = f"error: {dns['error']}"
+    else:
+        state = f"listening on {dns.get('listen')}, {dns.get('names')} names"
+    if dns.get("redirect_error"):
+        state += f"; redirect error: {dns['redirect_error']}"
+    else:
+        state += f", {dns.get('redirects')} redirect rules"
+    return (f"agent DNS: {state}; answered {dns.get('answered')}, "
+            f"nxdomain {dns.get('nxdomain')}, refused {dns.get('refused')}, "
+            f"malformed {dns.get('malformed')}")
 
 
 def format_transport_losses(transports: list[dict[str, Any]]) -> list[str]:

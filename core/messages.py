@@ -170,7 +170,24 @@ def _valid_agent_status(body: dict[str, Any]) -> bool:
             IPv4Network(subnet)
         except ValueError:
             return False
-    return True
+    return "dns" not in body or _valid_dns_report(body["dns"])
+
+
+_DNS_COUNTS = ("names", "redirects", "answered", "nxdomain", "refused", "malformed")
+
+
+def _valid_dns_report(dns: Any) -> bool:
+    """The agent's DNS responder, as the host's status shows it (vm.dns.DnsService.report)."""
+    if not isinstance(dns, dict) or set(dns) != {"listen", "error", "redirect_error",
+                                                  *_DNS_COUNTS}:
+        return False
+    if dns["listen"] is not None and not _short_str(dns["listen"], 21):
+        return False
+    for key in ("error", "redirect_error"):
+        text = dns[key]
+        if not isinstance(text, str) or len(text) > 200 or not text.isprintable():
+            return False
+    return all(type(dns[k]) is int and 0 <= dns[k] < 2**63 for k in _DNS_COUNTS)
 
 
 def _valid_routes(body: dict[str, Any]) -> bool:

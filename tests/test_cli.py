@@ -122,6 +122,23 @@ def test_status_formats_a_snapshot() -> None:
                                     "error": "iptables is not installed"}, "bridges": {}},
     })
     assert "agent firewall: error: iptables is not installed" in broken
+    dns = {"listen": "192.168.251.1:53", "error": "", "names": 2, "redirects": 2,
+           "redirect_error": "", "answered": 5, "nxdomain": 1, "refused": 0, "malformed": 3}
+    firewall = {"backend": "iptables-nft", "rules": 4, "error": ""}
+    serving = format_status({
+        "role": "host", "version": "0.1.0", "interface": "ctun0", "transport": "udp",
+        "local_endpoint": ["127.0.0.1", 2511], "uptime": 1.0, "drops": {}, "peers": [],
+        "agent_view": {"firewall": firewall, "bridges": {}, "dns": dns}})
+    assert ("agent DNS: listening on 192.168.251.1:53, 2 names, 2 redirect rules; "
+            "answered 5, nxdomain 1, refused 0, malformed 3") in serving
+    failing = format_status({
+        "role": "host", "version": "0.1.0", "interface": "ctun0", "transport": "udp",
+        "local_endpoint": ["127.0.0.1", 2511], "uptime": 1.0, "drops": {}, "peers": [],
+        "agent_view": {"firewall": firewall, "bridges": {}, "dns": {
+            **dns, "listen": None, "error": "cannot listen on 192.168.251.1:53: in use",
+            "redirect_error": "iptables: No chain/target/match by that name"}}})
+    assert ("agent DNS: error: cannot listen on 192.168.251.1:53: in use; redirect error: "
+            "iptables: No chain/target/match by that name; answered 5") in failing
     assert "10.9.0.0/24" in with_docker and "docker:kafka" in with_docker
     assert "overlaps the host route 10.0.0.0/8" in with_docker
     extras = format_status({

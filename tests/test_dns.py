@@ -266,6 +266,25 @@ def test_invalid_entries_from_the_network_are_skipped_and_counted(service: DnsSe
     assert client.ask(query("ok.dev.local")).answers == [(A, TTL, bytes([10, 0, 0, 1]))]
 
 
+def test_the_report_for_the_host_sums_up_and_fits_the_schema(service: DnsService,
+                                                               client: Client) -> None:
+    for name in ("api.dev.local", "nope.dev.local", "example.com"):
+        client.ask(query(name))
+    client.send(b"\x00")
+    client.ask(query("api.dev.local", qtype=28))  # AAAA: the name exists, no address
+    address = service.address
+    assert address is not None
+    report = service.report()
+    assert report == {"dns": {
+        "listen": f"{address[0]}:{address[1]}", "error": "", "names": len(ENTRIES),
+        "redirects": 0, "redirect_error": "not managed: no iptables in the agent",
+        "answered": 2, "nxdomain": 1, "refused": 1, "malformed": 1}}
+    body = {"firewall": {"backend": None, "rules": 0, "error": ""}, "bridges": {}, **report}
+    assert messages.parse(messages.encode("agent_status", 1, **body)).body == body
+    service.apply([], [])
+    assert service.report() == {}  # nothing asked of it, nothing to say
+
+
 def test_a_busy_port_is_an_error_in_the_status_and_retried() -> None:
     blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     blocker.bind(("127.0.0.1", 0))

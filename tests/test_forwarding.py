@@ -48,3 +48,20 @@ def test_a_restarted_host_starts_over_at_generation_one() -> None:
         forwarding.on_control("host", routes(7, gen, [f"10.{gen}.0.0/16"]))
     forwarding.on_control("host", routes(8, 1, ["172.30.0.0/16"]))
     assert subnets(forwarding) == ["172.30.0.0/16"]
+
+
+def test_the_report_to_the_host_carries_feature_parts_and_only_changes() -> None:
+    sent: list[dict[str, Any]] = []
+    answered = [0]
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("a feature's bug")
+
+    parts = [lambda: {"dns": {"answered": answered[0]}}, broken]
+    forwarding = Forwarding(NoBridges(), None, sent.append, parts)  # type: ignore[arg-type]
+    forwarding._sync()  # what each round of its thread does
+    forwarding._sync()
+    answered[0] = 4
+    forwarding._sync()
+    assert [s["dns"] for s in sent] == [{"answered": 0}, {"answered": 4}]
+    assert sent[0]["firewall"]["error"] == "not managed: no iptables in the agent"

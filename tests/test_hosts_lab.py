@@ -175,6 +175,13 @@ def test_a_container_resolves_the_hosts_file_names(docker_lab: DockerLab, hosts_
     assert dns["listen"] == "192.168.251.1:53"
     assert dns["redirect"] == {"managed": True, "rules": 1, "error": ""}
     assert dns["counters"]["answered"] >= 6
+    # The host's own status tells the same, from the agent's reports.
+    reported = lab.wait_until(
+        lambda: (status(lab, HOST_IF).get("agent_view", {}).get("dns") or {}).get(
+            "answered", 0) >= 6 and status(lab, HOST_IF)["agent_view"]["dns"],
+        5, what="the agent's DNS report at the host")
+    assert reported["listen"] == "192.168.251.1:53" and reported["names"] == 2
+    assert reported["redirects"] == 1 and reported["error"] == reported["redirect_error"] == ""
     # Only names that end in the suffix are redirected: this one goes to its own resolver.
     assert resolve(user, "db.dev.local.example.com") == []
     assert status(lab, VM_IF)["dns"]["counters"] == dns["counters"]

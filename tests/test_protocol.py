@@ -1165,8 +1165,25 @@ def ref_valid_agent_status(obj: dict[str, Any]) -> bool:
         return False
     if not isinstance(error, str) or len(error) > 300 or not error.isprintable():
         return False
+    if "dns" in obj and not ref_valid_dns(obj["dns"]):
+        return False
     return all(_is_ipv4_network(k) and isinstance(v, str) and 0 < len(v) <= 15
                and v.isprintable() for k, v in bridges.items())
+
+
+def ref_valid_dns(dns: Any) -> bool:
+    counts = ("names", "redirects", "answered", "nxdomain", "refused", "malformed")
+    if not isinstance(dns, dict) or sorted(dns) != sorted(
+            ["listen", "error", "redirect_error", *counts]):
+        return False
+    listen = dns["listen"]
+    if listen is not None and not (isinstance(listen, str) and 0 < len(listen) <= 21
+                                   and listen.isprintable()):
+        return False
+    if not all(isinstance(dns[k], str) and len(dns[k]) <= 200 and dns[k].isprintable()
+               for k in ("error", "redirect_error")):
+        return False
+    return all(type(dns[k]) is int and 0 <= dns[k] < 2**63 for k in counts)
 
 
 ROUTES_OK = {"v": 1, "kind": "routes", "seq": 3, "gen": 2, "part": 0, "parts": 1,
@@ -1174,11 +1191,16 @@ ROUTES_OK = {"v": 1, "kind": "routes", "seq": 3, "gen": 2, "part": 0, "parts": 1
 STATUS_OK = {"v": 1, "kind": "agent_status", "seq": 4,
              "firewall": {"backend": "iptables-nft", "rules": 6, "error": ""},
              "bridges": {"172.17.0.0/16": "docker0"}}
+DNS_OK = {"listen": "192.168.251.1:53", "error": "", "names": 2, "redirects": 2,
+          "redirect_error": "", "answered": 5, "nxdomain": 1, "refused": 0, "malformed": 3}
 
 
 @pytest.mark.parametrize("good", [ROUTES_OK, STATUS_OK,
                                   {**STATUS_OK, "firewall": {"backend": None, "rules": 0,
-                                                             "error": "no iptables"}}])
+                                                             "error": "no iptables"}},
+                                  {**STATUS_OK, "dns": DNS_OK},
+                                  {**STATUS_OK, "dns": {**DNS_OK, "listen": None,
+                                                        "error": "cannot listen"}}])
 def test_routes_and_agent_status_messages(good: dict[str, Any]) -> None:
     message = messages.parse(json.dumps(good).encode())
     assert message.kind == good["kind"]
@@ -1196,6 +1218,12 @@ def test_routes_and_agent_status_messages(good: dict[str, Any]) -> None:
     {**STATUS_OK, "bridges": {"not-a-net": "br0"}},
     {**STATUS_OK, "bridges": {"10.0.0.0/8": "a-bridge-name-too-long"}},
     {**STATUS_OK, "bridges": []},
+    {**STATUS_OK, "dns": {**DNS_OK, "answered": -1}},
+    {**STATUS_OK, "dns": {**DNS_OK, "names": True}},
+    {**STATUS_OK, "dns": {**DNS_OK, "error": "x" * 201}},
+    {**STATUS_OK, "dns": {**DNS_OK, "listen": ""}},
+    {**STATUS_OK, "dns": {**DNS_OK, "extra": 1}},
+    {**STATUS_OK, "dns": []},
 ])
 def test_bad_routes_and_agent_status_are_refused(bad: dict[str, Any]) -> None:
     assert not ref_valid_control(bad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -83,7 +84,8 @@ def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> No
             engine.send_control(HOST_PEER, "agent_status", **summary)
 
         firewall = _firewall(cfg.tunnel.interface, cfg.tunnel.host_address)
-        forwarding = Forwarding(adapter, firewall, report)
+        report_parts: list[Callable[[], dict[str, Any]]] = []
+        forwarding = Forwarding(adapter, firewall, report, report_parts)
         engine = Engine(
             Role.VM, interface, transports, [host], cfg.tunnel.mtu, runtime.engine_timers(cfg),
             name=socket.gethostname(), version=__version__, remote=(address, cfg.port),
@@ -91,7 +93,8 @@ def run(cfg: AgentConfig, pm: pluggy.PluginManager, stop: threading.Event) -> No
         )
         forwarding.start()
         resources.callback(forwarding.stop)
-        ctx = AgentContext(cfg, adapter, engine, firewall, resources)
+        ctx = AgentContext(cfg, adapter, engine, firewall, resources,
+                           report_parts=report_parts)
         for feature in FEATURES:
             feature(ctx)
         log.info("connecting to %s (%s:%d) over %s from %s %s", cfg.host, address, cfg.port,

@@ -33,6 +33,9 @@ class AgentContext:
     on_control: list[ControlSink] = field(default_factory=list)  # network thread: stash only
     on_up: list[Callable[[], None]] = field(default_factory=list)  # timer thread
     status_parts: list[StatusPart] = field(default_factory=list)
+    # Parts of the agent_status sent to the host (at most every few seconds, when changed):
+    # what the host's `ctun status` should say about this feature.
+    report_parts: list[StatusPart] = field(default_factory=list)
 
     def control_message(self, peer: str, message: Any) -> None:
         for sink in self.on_control:

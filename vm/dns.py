@@ -45,6 +45,7 @@ log = logging.getLogger("ctun.vm.dns")
 DNS_PORT = 53
 RECHECK_EVERY = 2.0  # seconds between checks that the redirect is still in place
 RECV_BUFFER = 4096  # larger than any query we accept, so an oversize one is seen as such
+REPORT_TEXT = 200  # characters of an error the host is told
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,29 @@ class DnsService:
                 except FirewallError as exc:
                     log.error("could not remove every DNS redirect rule: %s", exc)
 
+    def report(self) -> dict[str, Any]:
+        """Our part of the agent's status for the host (`ctun status` there), bounded to
+        fit one control message; nothing while the host asks for no names."""
+        names = self._names
+        if not (names.suffixes or names.addresses):
+            return {}
+        listener = self._listener
+        with self._counters_lock:
+            counters = dict(self._counters)
+        redirect_error = self.redirect_error if self._redirect is not None else \
+            "not managed: no iptables in the agent"
+        return {"dns": {
+            "listen": f"{listener.address[0]}:{listener.address[1]}" if listener else None,
+            "error": self.error[:REPORT_TEXT],
+            "names": len(names.addresses),
+            "redirects": self._redirect.rules() if self._redirect is not None else 0,
+            "redirect_error": redirect_error[:REPORT_TEXT],
+            "answered": counters.get("answered", 0) + counters.get("no_data", 0),
+            "nxdomain": counters.get("nxdomain", 0),
+            "refused": counters.get("refused", 0),
+            "malformed": sum(n for k, n in counters.items() if k.startswith("dropped_")),
+        }}
+
     @property
     def address(self) -> tuple[str, int] | None:
         """Where the responder listens now (the real port when 0 was asked for)."""
@@ -332,6 +356,7 @@ def setup(ctx: AgentContext) -> None:
         refresh=service.ensure, every=RECHECK_EVERY, log=log, what="DNS keeper")
     ctx.on_control.append(HostsFeed(keeper.offer).on_control)
     ctx.status_parts.append(lambda: {"dns": service.status()})
+    ctx.report_parts.append(service.report)
     keeper.start()
     ctx.resources.callback(service.close)  # after the keeper has stopped (callbacks: LIFO)
     ctx.resources.callback(keeper.stop)

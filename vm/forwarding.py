@@ -25,11 +25,15 @@ RECHECK_EVERY = 2.0
 
 class Forwarding:
     def __init__(self, adapter: PlatformAdapter, firewall: Firewall | None,
-                 report: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 report: Callable[[dict[str, Any]], None] | None = None,
+                 report_parts: list[Callable[[], dict[str, Any]]] | None = None) -> None:
         self._adapter = adapter
         self._firewall = firewall
         # Tells the host what the VM side sees: the host's `ctun status` is where users look.
+        # Other features add their parts; a change is sent at the next round, so a busy
+        # counter costs at most one message per RECHECK_EVERY.
         self._report = report
+        self._report_parts = report_parts if report_parts is not None else []
         self._reported: dict[str, Any] | None = None
         self._snapshots = Snapshots()
         self.subnets: tuple[IPv4Network, ...] = ()
@@ -72,6 +76,8 @@ class Forwarding:
                 links[subnet] = bridge
         self.links = {str(k): v for k, v in links.items()}
         if self._firewall is None:
+            # Still reported: "no iptables in the agent" is what the host must be told.
+            self._send_report()
             return
         try:
             self._firewall.apply(links)
@@ -87,7 +93,7 @@ class Forwarding:
 
     def summary(self) -> dict[str, Any]:
         """What the host shows about us (bounded to fit one control message)."""
-        return {
+        summary: dict[str, Any] = {
             "firewall": {
                 "backend": self._firewall.backend if self._firewall else None,
                 "rules": len(self.rules),
@@ -96,6 +102,12 @@ class Forwarding:
             },
             "bridges": dict(list(self.links.items())[:64]),
         }
+        for part in self._report_parts:
+            try:
+                summary.update(part())
+            except Exception:  # one feature's bug must not silence the firewall's report
+                log.exception("agent status: a feature's report failed")
+        return summary
 
     def report_again(self) -> None:
         """A new session: the host may have restarted and know nothing of us."""
