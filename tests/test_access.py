@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from ctun import cli
-from ctun.core import access, accessors, peer_admin, peer_store
+from ctun.core import access, accessors, peer_admin, peer_store, status_text
 from ctun.core.config import (
     ExposeConfig,
     HostConfig,
@@ -255,10 +255,10 @@ def test_status_shows_sharing() -> None:
             "accessors": [{"name": "alice", "ip": "192.168.251.3", "origin": "store",
                            "state": "up"}],
             "problems": ["x"]}
-    assert cli.format_access(host) == [
+    assert status_text.format_access(host) == [
         "sharing: listening on udp+tcp 10.251.1.1:2512, exposed: 172.18.0.2/32",
         "  accessor alice 192.168.251.3 (store): up",
         "warning: x",
     ]
-    assert cli.format_access({"address": None}) == \
+    assert status_text.format_access({"address": None}) == \
         ["access: waiting for the host's settings (nothing routed yet)"]

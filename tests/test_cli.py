@@ -80,7 +80,7 @@ def test_not_root_is_told_to_use_sudo(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_status_formats_a_snapshot() -> None:
-    from ctun.cli import format_status
+    from ctun.core.status_text import format_status
 
     text = format_status({
         "role": "host", "version": "0.1.0", "interface": "ctun0", "transport": "udp",
@@ -153,7 +153,7 @@ def test_status_formats_a_snapshot() -> None:
                                "error": "port in use", "active": 0}]},
     })
     assert "links: 172.18.0.0/16+172.19.0.0/16" in extras
-    assert "hosts: 1 names for .dev.local from /etc/hosts" in extras
+    assert "hosts: 1 name for .dev.local from /etc/hosts" in extras
     assert "warning: hosts: /etc/hosts:7: not an address: 300.1.1.1" in extras
     assert "proxy: 192.168.251.2:5432 -> 127.0.0.1:5432 tcp, failed (port in use), 0 open" \
         in extras

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from ctun import cli
-from ctun.core import config, config_watch, control, logs
+from ctun.core import config, config_watch, control, logs, status_text
 from ctun.core.config import HostConfig
 from ctun.core.config_watch import ConfigWatch
 from ctun.core.host_context import HostContext
@@ -340,7 +339,7 @@ def test_status_shows_a_config_error_first() -> None:
                          "restart_needed": ["tunnel"]},
               "problems": ["config: /etc/ctun/ctun.toml: invalid TOML: ... (at line 3, column 7)",
                            "hosts: /etc/hosts.d/x: not readable"]}
-    lines = cli.format_status(status).splitlines()
+    lines = status_text.format_status(status).splitlines()
     assert lines[1] == ("CONFIG ERROR: /etc/ctun/ctun.toml: invalid TOML: ... "
                         "(at line 3, column 7)")
     assert lines[2].startswith("  still running the config loaded at ")
@@ -348,7 +347,7 @@ def test_status_shows_a_config_error_first() -> None:
     assert lines[4] == "problem: hosts: /etc/hosts.d/x: not readable"
     quiet: dict[str, Any] = {**status, "problems": [], "config": {
         **status["config"], "error": None, "restart_needed": []}}
-    assert cli.format_status(quiet).splitlines()[1].startswith("PEER")
+    assert status_text.format_status(quiet).splitlines()[1].startswith("PEER")
 
 
 @pytest.fixture

@@ -333,12 +333,12 @@ def test_wire_flag_on_up_and_vm(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_status_names_the_wire_when_it_is_legacy() -> None:
-    from ctun import cli
+    from ctun.core import status_text
     from ctun.core.legacy import status
 
     snap = status.snapshot("host", "host", "0", "ctun0", ("127.0.0.1", 2511), 0.0,
                            Counter(), [], status.EventLog())
-    assert cli.format_status(snap).splitlines()[1] == "wire: legacy (unauthenticated)"
+    assert status_text.format_status(snap).splitlines()[1] == "wire: legacy (unauthenticated)"
 
 
 def test_legacy_mode_runs_the_engine_free_features_it_names() -> None:

@@ -233,6 +233,26 @@ def test_model_states() -> None:
     assert rates.current == {"rx_packets": 10.0}
 
 
+def test_the_sharing_tab_says_what_ctun_status_says(fake: FakeDaemon) -> None:
+    app = CtunApp(fake.path, INTERVAL)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        await pilot.press("5")
+        await until(pilot, lambda: "accessor alice" in text(app, "#sharing-view"), "sharing")
+        shown = text(app, "#sharing-view").splitlines()
+        assert shown[0] == ("sharing: listening on udp 0.0.0.0:2512, exposed: 172.17.0.0/16")
+        assert "  accessor alice 192.168.251.9 (peers.toml): up" in shown
+        assert "links: 172.18.0.0/16+172.19.0.0/16" in shown
+        assert shown[-1].startswith(
+            "agent DNS: listening on 192.168.251.1:53, 1 name, 1 redirect rule;")
+        for key in ("access", "links", "hosts", "proxy", "agent_view"):
+            del fake.status[key]
+        await until(pilot, lambda: text(app, "#sharing-view").startswith("nothing shared"),
+                    "nothing shared")
+
+    run(app, scenario)
+
+
 def test_drops_include_what_transports_lost() -> None:
     status = sample_status()
     status["drops"] = {"short": 1}

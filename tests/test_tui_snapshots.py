@@ -140,11 +140,20 @@ async def counters(pilot: Pilot[Any]) -> None:
     await still(pilot)
 
 
+async def sharing(pilot: Pilot[Any]) -> None:
+    await settled(pilot)
+    await pilot.press("5")
+    view = pilot.app.query_one("#sharing-view", Static)
+    await until(pilot, lambda: "accessor alice" in str(view.content), "the sharing view")
+    await still(pilot)
+
+
 VIEWS = [
     pytest.param(keys("1"), id="tunnels"),
     pytest.param(keys("2", table="#peer-table"), id="peers"),
     pytest.param(keys("3", table="#route-table", rows=3), id="routes"),
     pytest.param(counters, id="counters"),
+    pytest.param(sharing, id="sharing"),
     pytest.param(keys("question_mark", wait_for="HelpScreen"), id="help"),
     pytest.param(keys("a", *"10.5.0.0/16", wait_for="AddRouteScreen"), id="add-route"),
 ]

@@ -41,6 +41,22 @@ def sample_status(event_at: float | None = None) -> dict[str, Any]:
             {"subnet": "10.8.0.0/24", "source": "control", "state": "active", "detail": ""},
         ],
         "route_problems": [],
+        "access": {"expose": {"listen": "0.0.0.0:2512", "transports": ["udp"],
+                              "routes": ["172.17.0.0/16"]},
+                   "accessors": [{"name": "alice", "ip": "192.168.251.9", "origin": "peers.toml",
+                                  "state": "up"}],
+                   "problems": []},
+        "links": [["172.18.0.0/16", "172.19.0.0/16"]],
+        "hosts": {"files": ["/etc/hosts"], "suffixes": [".dev.local"],
+                  "names": [["api.dev.local", "192.168.251.2"]], "problems": []},
+        "proxy": {"proxies": [{"listen": "192.168.251.2:5432", "target": "127.0.0.1:5432",
+                               "protocol": "tcp", "state": "listening", "error": "",
+                               "active": 1}]},
+        "agent_view": {"firewall": {"backend": "iptables-nft", "rules": 6, "error": ""},
+                       "bridges": {"172.17.0.0/16": "docker0"},
+                       "dns": {"listen": "192.168.251.1:53", "error": "", "names": 1,
+                               "redirects": 1, "redirect_error": "", "answered": 4,
+                               "nxdomain": 0, "refused": 0, "malformed": 0}},
     }
 
 

@@ -17,6 +17,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, RichLog, Static, TabbedContent, TabPane
 
 from ..core import control
+from ..core.status_text import format_sharing
 from . import model
 from .feed import SnapshotFeed
 from .screens.dialogs import AddRouteScreen, ConfirmScreen
@@ -47,6 +48,7 @@ class CtunApp(App[None]):
         Binding("2", "show_tab('peers')", "Peers", show=False),
         Binding("3", "show_tab('routes')", "Routes", show=False),
         Binding("4", "show_tab('counters')", "Counters", show=False),
+        Binding("5", "show_tab('sharing')", "Sharing", show=False),
     ]
 
     def __init__(self, path: Path, interval: float = 0.5) -> None:
@@ -67,6 +69,8 @@ class CtunApp(App[None]):
         self.route_table = SnapshotTable(ROUTE_COLUMNS, sortable=True, id="route-table")
         self.route_problems = Static(id="route-problems", markup=False)
         self.counters_panel = CountersPanel(id="counters-panel")
+        # The daemon's words (accessor names, file paths): never markup.
+        self.sharing_view = Static(id="sharing-view", markup=False)
         self.event_log = RichLog(id="log", max_lines=1000, wrap=True)
 
     def compose(self) -> ComposeResult:
@@ -82,6 +86,8 @@ class CtunApp(App[None]):
                 yield self.route_problems
             with TabPane("Counters", id="counters"):
                 yield self.counters_panel
+            with TabPane("Sharing", id="sharing"):
+                yield self.sharing_view
         yield self.event_log
         yield Footer()
 
@@ -140,6 +146,8 @@ class CtunApp(App[None]):
         elif active == "counters":
             self.counters_panel.update_counters(self.rates, model.totals(status),
                                                 model.drops(status))
+        elif active == "sharing":
+            self.sharing_view.update("\n".join(format_sharing(status)))
 
     def on_tabbed_content_tab_activated(self, _event: TabbedContent.TabActivated) -> None:
         self._render_active()  # at once, not at the next snapshot

@@ -17,7 +17,7 @@ HELP = """\
   a        add a route (a network such as 10.5.0.0/16) until the daemon stops
   d        remove the selected route (only routes added from here or `ctun routes add`)
   r        reconnect the selected peer (the agent handshakes again at once)
-  1-4      Tunnels, Peers, Routes, Counters
+  1-5      Tunnels, Peers, Routes, Counters, Sharing (accessors, links, hosts, proxy)
   ctrl+p   command palette
   ?        this help        q  quit
 
