@@ -217,7 +217,8 @@ def _sharing_parsers(sub: Any, parser_class: type[_Parser]) -> None:
                         help="the host's expose address, e.g. 192.0.2.10:2512")
     access.add_argument("--key", metavar="KEY", help="the key `ctun peer add` printed "
                         "(or --key-file, or $CTUN_KEY: not visible to other users)")
-    access.add_argument("--key-file", metavar="FILE", help="a file holding the key (mode 0600)")
+    access.add_argument("--key-file", metavar="FILE",
+                        help="a file holding the key (mode 0600); - reads it from standard input")
     access.add_argument("--interface", default="ctunacc0", metavar="NAME",
                         help="interface name (default ctunacc0)")
     access.add_argument("--transport", default="auto", choices=["auto", "udp", "tcp"],

@@ -22,6 +22,7 @@ import os
 import queue
 import re
 import socket
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,6 +78,10 @@ def load_key(key: str | None, key_file: str | None,
     fix = "use the key `ctun peer add` printed on the host"
     if key:
         return decode_key(key, "--key", fix)
+    if key_file == "-":
+        # `echo KEY | ctun access ... --key-file -`, as `ctun peer add` prints it: echo is
+        # built into the shell, so the key never appears in the process list.
+        return decode_key(sys.stdin.readline().strip(), "--key-file - (standard input)", fix)
     if key_file:
         return read_key(Path(key_file))
     if environ.get(KEY_ENV):

@@ -121,7 +121,9 @@ def add(name: str, ip_text: str | None, remote: str | None, config_path: str | N
     state_dir = config.default_state_dir()
     peer = peer_store.add(state_dir, name, peer_store.new_key(), view.network,
                           view.host_address, view.vm_address, view.taken, ip)
-    lines = [f"sudo ctun access --remote {where} --key {encode_key(peer.key)}"]
+    # The key goes in through a pipe from the shell's own echo: never an argument of a
+    # process, so other users of the colleague's machine cannot read it in `ps`.
+    lines = [f"echo {encode_key(peer.key)} | sudo ctun access --remote {where} --key-file -"]
     if where.startswith(UNKNOWN_HOST + ":"):
         lines.append(f"this machine's LAN address is unknown (no route out): replace "
                      f"{UNKNOWN_HOST} with it, or pass --remote HOST:PORT")

@@ -124,9 +124,11 @@ class Processes:
         argv: list[str],
         name: str,
         env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
     ) -> subprocess.Popen[bytes]:
         """Run argv inside `ns`, output to workdir/<name>.log (replacing an older one), with
-        the workdir's run/ and state/ as CTUN_RUN_DIR and CTUN_STATE_DIR; `env` on top."""
+        the workdir's run/ and state/ as CTUN_RUN_DIR and CTUN_STATE_DIR; `env` on top.
+        `stdin`: what the process reads from standard input (then end of file)."""
         full_env = dict(os.environ)
         full_env.update(
             CTUN_RUN_DIR=str(run_dir(workdir)),
@@ -140,7 +142,7 @@ class Processes:
         self._logs.append(log)
         proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, *argv],
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=full_env,
@@ -149,6 +151,9 @@ class Processes:
             start_new_session=True,
         )
         self._procs.append(proc)
+        if proc.stdin is not None:
+            with proc.stdin:  # a few bytes: the pipe's buffer takes them without blocking
+                proc.stdin.write(stdin or b"")
         return proc
 
     def kill(self, namespaces: Iterable[str], timeout: float) -> list[str]:

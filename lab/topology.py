@@ -296,10 +296,11 @@ class Lab:
     # ---- processes
 
     def spawn(
-        self, ns: str, argv: list[str], name: str, env: Mapping[str, str] | None = None
+        self, ns: str, argv: list[str], name: str, env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
     ) -> subprocess.Popen[bytes]:
         """Run argv inside `ns`, output to workdir/<name>.log (replacing an older one)."""
-        return self._processes.spawn(self.workdir, ns, argv, name, env)
+        return self._processes.spawn(self.workdir, ns, argv, name, env, stdin)
 
     def start_daemon(
         self, *extra_args: str, name: str = "daemon", python: str | None = None

@@ -3,6 +3,7 @@ and the command lines' one-line errors. The lab tests (test_access_lab.py) do th
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -142,6 +143,16 @@ def test_the_key_comes_from_exactly_one_place(tmp_path: Path) -> None:
     assert text[:-2] not in str(caught.value)
 
 
+def test_the_key_from_standard_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`echo KEY | ctun access ... --key-file -`, the command `ctun peer add` prints."""
+    text = encode_key(key(7))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text + "\n"))
+    assert access.load_key(None, "-", {}) == key(7)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    with pytest.raises(ConfigError, match=r"^--key-file - \(standard input\): "):
+        access.load_key(None, "-", {})
+
+
 # --- the command lines --------------------------------------------------------------------
 
 
@@ -170,7 +181,8 @@ def test_peer_add_rm_list_without_a_daemon(host_dirs: dict[str, str]) -> None:
     command, *notes = added.stdout.splitlines()
     (alice,) = peer_store.load(Path(host_dirs["CTUN_STATE_DIR"]))
     assert alice.ip == IPv4Address("192.168.251.3")
-    assert command == f"sudo ctun access --remote 198.51.100.7:2512 --key {encode_key(alice.key)}"
+    assert command == (f"echo {encode_key(alice.key)} | sudo ctun access --remote "
+                       "198.51.100.7:2512 --key-file -")
     assert notes[0].startswith('sharing is off here: add  [expose] listen = "0.0.0.0:2512"')
     assert notes[1] == "ctun is not running here: alice (192.168.251.3) is admitted when it starts"
     # Only the store is written: no vm.key or other key file appears as a side effect.
