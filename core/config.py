@@ -295,7 +295,7 @@ class _Value:
 
     def where(self) -> str:
         """FILE:LINE of a value from a TOML file; FILE alone if its line is not known."""
-        number = _toml_line(self.toml_lines, self.label)
+        number = legacy_config.locate(self.toml_lines, self.label) if self.toml_lines else None
         return f"{self.file}:{number}" if number else str(self.file)
 
     def table_error(self, problem: str) -> ConfigError:
@@ -365,18 +365,6 @@ class _Settings:
             return _Value(self.doc[name], _FILE, name, file=self.source, lines=self.lines,
                           toml_lines=self.toml_lines)
         return _Value(default, _DEFAULT, name)
-
-
-def _toml_line(lines: Mapping[str, int] | None, label: str) -> int | None:
-    """The line of `label`, or of the nearest enclosing value or table that has one."""
-    while lines is not None and label:
-        if label in lines:
-            return lines[label]
-        cut = max(label.rfind("."), label.rfind("["))
-        if cut <= 0:
-            return None
-        label = label[:cut]
-    return None
 
 
 def _flag_name(key: str) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .keys import ConfigError
 
@@ -95,6 +95,9 @@ def toml_key(name: str) -> str:
     return name if _BARE_KEY_RE.fullmatch(name) else json.dumps(name, ensure_ascii=False)
 
 
+_Where = TypeVar("_Where")
+
+
 def line_error(file: str | None, line: SourceLine, problem: str) -> ConfigError:
     """`FILE:LINE: the line: what is wrong; what to write instead` on one line."""
     # Problems that say no fix after a "; " get the directive's own example: any example in
@@ -103,9 +106,10 @@ def line_error(file: str | None, line: SourceLine, problem: str) -> ConfigError:
     return ConfigError(f"{file}:{line.number}: {_show(line.text)}: {problem}{fix}")
 
 
-def locate(lines: Mapping[str, SourceLine], label: str) -> SourceLine | None:
+def locate(lines: Mapping[str, _Where], label: str) -> _Where | None:
     """The line behind a value's label ("hosts[0].suffixes[1]"), or behind the nearest
-    enclosing one ("hosts[0]") when the line set the whole thing."""
+    enclosing one ("hosts[0]") when the line set the whole thing. A docker-connector.conf's
+    lines are SourceLines; a TOML file's, line numbers (core/toml_lines.py)."""
     while label:
         if label in lines:
             return lines[label]
