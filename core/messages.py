@@ -37,6 +37,12 @@ class ControlMessage:
     epoch: int = 0  # the sender's run: a new epoch means its sequence numbers start over
 
 
+def largest_size(kind: str, body: dict[str, Any]) -> int:
+    """How long `body` is as a message of `kind` with the longest header it could get."""
+    return len(json.dumps({"v": SCHEMA, "kind": kind, "seq": MAX_EPOCH - 1,
+                           "epoch": MAX_EPOCH - 1, **body}, separators=(",", ":")).encode())
+
+
 def encode(kind: str, seq: int, *, epoch: int = 0, **body: Any) -> bytes:
     header = {"v": SCHEMA, "kind": kind, "seq": seq}
     if epoch:
@@ -162,6 +168,9 @@ def _valid_agent_status(body: dict[str, Any]) -> bool:
     if not isinstance(error, str) or len(error) > 300 or not error.isprintable():
         return False
     if len(bridges) > MAX_BRIDGES:
+        return False
+    total = body.get("bridges_total", len(bridges))
+    if type(total) is not int or not len(bridges) <= total <= 10_000:
         return False
     for subnet, bridge in bridges.items():
         if not _short_str(bridge, 15):

@@ -55,7 +55,11 @@ def format_agent(status: dict[str, Any]) -> list[str]:
         fw = view["firewall"]
         state = f"error: {fw['error']}" if fw.get("error") else \
             f"{fw.get('backend')}, {fw.get('rules')} rules"
-        bridges = ", ".join(f"{k} -> {v}" for k, v in sorted(view.get("bridges", {}).items()))
+        shown = view.get("bridges", {})
+        bridges = ", ".join(f"{k} -> {v}" for k, v in sorted(shown.items()))
+        more = view.get("bridges_total", len(shown)) - len(shown)
+        if more > 0:
+            bridges += f" and {more} more"
         lines.append(f"agent firewall: {state}" + (f"; bridges: {bridges}" if bridges else ""))
     if isinstance(view.get("dns"), dict):
         lines.append(format_agent_dns(view["dns"]))

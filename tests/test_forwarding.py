@@ -6,7 +6,9 @@ from __future__ import annotations
 from ipaddress import IPv4Network
 from typing import Any
 
-from ctun.core.messages import ControlMessage
+from ctun.core import messages
+from ctun.core.messages import MAX_EPOCH, ControlMessage
+from ctun.core.status_text import format_agent
 from ctun.vm.forwarding import Forwarding
 
 
@@ -65,3 +67,31 @@ def test_the_report_to_the_host_carries_feature_parts_and_only_changes() -> None
     forwarding._sync()
     assert [s["dns"] for s in sent] == [{"answered": 0}, {"answered": 4}]
     assert sent[0]["firewall"]["error"] == "not managed: no iptables in the agent"
+
+
+class ManyBridges:
+    def interface_for(self, network: IPv4Network) -> str | None:
+        return f"br-{network.network_address.packed.hex()}{'0' * 4}"  # as long as Docker's
+
+
+def test_a_report_for_many_networks_still_fits_one_control_message() -> None:
+    """64 networks with Docker's 15-character bridge names are twice what fits: the host is
+    told the first ones and how many there are."""
+    sent: list[dict[str, Any]] = []
+    dns = {"listen": "192.168.251.1:53", "error": "e" * 200, "names": 10**6, "redirects": 8,
+           "redirect_error": "r" * 200, "answered": 2**62, "nxdomain": 2**62,
+           "refused": 2**62, "malformed": 2**62}
+    forwarding = Forwarding(ManyBridges(), None, sent.append,  # type: ignore[arg-type]
+                            [lambda: {"dns": dns}])
+    forwarding.on_control("host", routes(7, 1, [f"10.{i}.0.0/16" for i in range(40)],
+                                         parts=2))
+    forwarding.on_control("host", routes(7, 1, [f"10.{i}.0.0/16" for i in range(40, 64)],
+                                         part=1, parts=2))
+    forwarding._sync()
+    (report,) = sent
+    assert report["bridges_total"] == 64 and 0 < len(report["bridges"]) < 64
+    message = messages.parse(messages.encode("agent_status", MAX_EPOCH - 1,
+                                             epoch=MAX_EPOCH - 1, **report))
+    assert message.body == report
+    firewall_line = format_agent({"agent_view": report})[0]
+    assert firewall_line.endswith(f" and {64 - len(report['bridges'])} more")

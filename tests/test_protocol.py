@@ -1167,6 +1167,9 @@ def ref_valid_agent_status(obj: dict[str, Any]) -> bool:
         return False
     if "dns" in obj and not ref_valid_dns(obj["dns"]):
         return False
+    total = obj.get("bridges_total", len(bridges))
+    if type(total) is not int or total < len(bridges) or total > 10_000:
+        return False
     return all(_is_ipv4_network(k) and isinstance(v, str) and 0 < len(v) <= 15
                and v.isprintable() for k, v in bridges.items())
 
@@ -1199,6 +1202,7 @@ DNS_OK = {"listen": "192.168.251.1:53", "error": "", "names": 2, "redirects": 2,
                                   {**STATUS_OK, "firewall": {"backend": None, "rules": 0,
                                                              "error": "no iptables"}},
                                   {**STATUS_OK, "dns": DNS_OK},
+                                  {**STATUS_OK, "bridges_total": 70},
                                   {**STATUS_OK, "dns": {**DNS_OK, "listen": None,
                                                         "error": "cannot listen"}}])
 def test_routes_and_agent_status_messages(good: dict[str, Any]) -> None:
@@ -1224,6 +1228,8 @@ def test_routes_and_agent_status_messages(good: dict[str, Any]) -> None:
     {**STATUS_OK, "dns": {**DNS_OK, "listen": ""}},
     {**STATUS_OK, "dns": {**DNS_OK, "extra": 1}},
     {**STATUS_OK, "dns": []},
+    {**STATUS_OK, "bridges_total": 0},  # fewer than it lists
+    {**STATUS_OK, "bridges_total": "1"},
 ])
 def test_bad_routes_and_agent_status_are_refused(bad: dict[str, Any]) -> None:
     assert not ref_valid_control(bad)

@@ -14,7 +14,7 @@ from ipaddress import IPv4Network
 from typing import Any
 
 from ..core.contracts import PlatformAdapter
-from ..core.messages import ControlMessage, Snapshots
+from ..core.messages import MAX_BRIDGES, MAX_CONTROL, ControlMessage, Snapshots, largest_size
 from .firewall import Firewall, FirewallError
 from .keeper import Ticker
 
@@ -93,6 +93,7 @@ class Forwarding:
 
     def summary(self) -> dict[str, Any]:
         """What the host shows about us (bounded to fit one control message)."""
+        bridges = list(self.links.items())[:MAX_BRIDGES]
         summary: dict[str, Any] = {
             "firewall": {
                 "backend": self._firewall.backend if self._firewall else None,
@@ -100,13 +101,19 @@ class Forwarding:
                 "error": self.error[:300] if self._firewall else
                 "not managed: no iptables in the agent",
             },
-            "bridges": dict(list(self.links.items())[:64]),
+            "bridges": dict(bridges),
+            "bridges_total": len(self.links),
         }
         for part in self._report_parts:
             try:
                 summary.update(part())
             except Exception:  # one feature's bug must not silence the firewall's report
                 log.exception("agent status: a feature's report failed")
+        # Many networks do not fit one control message: the host is told the first ones
+        # and how many there are in all (it would otherwise be told nothing).
+        while bridges and largest_size("agent_status", summary) > MAX_CONTROL:
+            bridges.pop()
+            summary["bridges"] = dict(bridges)
         return summary
 
     def report_again(self) -> None:
