@@ -17,6 +17,7 @@ start (runtime.platform) cleans up what was left.
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import queue
@@ -80,8 +81,10 @@ def load_key(key: str | None, key_file: str | None,
         return decode_key(key, "--key", fix)
     if key_file == "-":
         # `echo KEY | ctun access ... --key-file -`, as `ctun peer add` prints it: echo is
-        # built into the shell, so the key never appears in the process list.
-        return decode_key(sys.stdin.readline().strip(), "--key-file - (standard input)", fix)
+        # built into the shell, so the key never appears in the process list. At a
+        # terminal, it is asked for without being shown.
+        text = getpass.getpass("key: ") if sys.stdin.isatty() else sys.stdin.readline()
+        return decode_key(text.strip(), "--key-file - (standard input)", fix)
     if key_file:
         return read_key(Path(key_file))
     if environ.get(KEY_ENV):

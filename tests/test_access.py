@@ -3,6 +3,7 @@ and the command lines' one-line errors. The lab tests (test_access_lab.py) do th
 
 from __future__ import annotations
 
+import getpass
 import io
 import os
 import subprocess
@@ -151,6 +152,21 @@ def test_the_key_from_standard_input(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     with pytest.raises(ConfigError, match=r"^--key-file - \(standard input\): "):
         access.load_key(None, "-", {})
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    # At a terminal it is asked for, not echoed (getpass), rather than read as typed.
+    asked: list[str] = []
+
+    def ask(prompt: str) -> str:
+        asked.append(prompt)
+        return text
+
+    monkeypatch.setattr(sys, "stdin", Terminal("not this\n"))
+    monkeypatch.setattr(getpass, "getpass", ask)
+    assert access.load_key(None, "-", {}) == key(7) and asked == ["key: "]
 
 
 # --- the command lines --------------------------------------------------------------------
