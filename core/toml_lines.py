@@ -165,12 +165,7 @@ class _Scanner:
         text = self.text
         for quote in ('"""', "'''"):
             if text.startswith(quote, self.pos):
-                end = self.pos + 3
-                while True:
-                    end = text.index(quote, end)
-                    if quote == "'''" or not _escaped(text, end):
-                        break
-                    end += 1
+                end = _closing(text, quote, self.pos + 3)
                 # Up to two more quotes may close the string: """a"""" is 'a"'.
                 while text.startswith(quote[0], end + 3):
                     end += 1
@@ -178,12 +173,7 @@ class _Scanner:
                 self.pos = end + 3
                 return body
         quote = text[self.pos]
-        end = self.pos + 1
-        while True:
-            end = text.index(quote, end)
-            if quote == "'" or not _escaped(text, end):
-                break
-            end += 1
+        end = _closing(text, quote, self.pos + 1)
         body = text[self.pos + 1:end]
         self.pos = end + 1
         return _ESCAPE.sub(_unescape, body) if quote == '"' else body
@@ -207,6 +197,17 @@ class _Scanner:
         if not self.text.startswith(token, self.pos):
             raise _Stop
         self.pos += len(token)
+
+
+def _closing(text: str, quote: str, start: int) -> int:
+    """Where `quote` ends a string whose body starts at `start`; in a basic string (\"),
+    an escaped quote does not (ValueError when nothing does)."""
+    end = start
+    while True:
+        end = text.index(quote, end)
+        if quote[0] == "'" or not _escaped(text, end):
+            return end
+        end += 1
 
 
 def _unescape(match: re.Match[str]) -> str:
